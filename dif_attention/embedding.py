@@ -1,0 +1,115 @@
+"""Attribute embeddings: one trainable table per attribute, multi-valued attributes pooled."""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .errors import check_tensor, fail
+
+__all__ = ["AttributeEmbedding", "item_attribute_table"]
+
+POOLINGS = ("sum", "mean", "max")
+
+
+def item_attribute_table(item_to_tokens: Mapping[int, Sequence[int]], num_items: int, *,
+                         max_tokens: int | None = None) -> Tensor:
+    """A ``(num_items, k)`` long table, row ``i`` = item ``i``'s attribute tokens padded with 0.
+
+    Items absent from the mapping (the padding item 0, a [MASK] id) get an all-padding row.
+    ``max_tokens`` truncates long token lists (default: the longest list).
+    """
+    k = max((len(v) for v in item_to_tokens.values()), default=1) if max_tokens is None else max_tokens
+    table = torch.zeros(num_items, max(k, 1), dtype=torch.long)
+    for item, tokens in item_to_tokens.items():
+        if not 0 <= int(item) < num_items:
+            fail("item_to_tokens", f"item ids in [0, {num_items})", f"item id {item}")
+        tokens = list(tokens)[:k]
+        if any(int(t) < 0 for t in tokens):
+            fail(f"item_to_tokens[{item}]", "non-negative token ids", tokens)
+        table[int(item), :len(tokens)] = torch.as_tensor(tokens, dtype=torch.long)
+    return table
+
+
+class AttributeEmbedding(nn.Module):
+    """Embeds attribute tokens: ``ids[name]`` of shape ``(b, n)`` (one token per position) or
+    ``(b, n, k)`` (a padded token list per position) -> ``(b, n, dims[name])``.
+
+    Token ``padding_idx`` (0) is padding: its row is zero and never trained, and it is ignored by
+    the pooling. Pooling of ``k`` tokens: ``"sum"`` (the reference's choice), ``"mean"`` over the
+    valid tokens, or ``"max"`` over the valid tokens; a position with no valid token gets zeros.
+
+    Tables are trainable and start at ``N(0, init_std)``. The reference implementation (DIF-SR,
+    RecBole 1.0.0) kept its tables in a plain dict, so they were silently frozen at PyTorch's
+    default ``N(0, 1)``; ``trainable=False, init_std=1.0`` reproduces that.
+
+    ``item_tables`` (name -> ``(num_items, k)`` long, see :func:`item_attribute_table`) lets
+    ``forward(items=item_ids)`` look the tokens up from item ids.
+    """
+
+    def __init__(self, num_classes: Mapping[str, int], dims: "int | Mapping[str, int]", *, pooling: str = "sum",
+                 padding_idx: int = 0, trainable: bool = True, init_std: float = 0.02,
+                 item_tables: Mapping[str, Tensor] | None = None):
+        super().__init__()
+        if pooling not in POOLINGS:
+            fail("pooling", f"one of {POOLINGS}", repr(pooling))
+        dims = {a: dims for a in num_classes} if isinstance(dims, int) else dict(dims)
+        if set(dims) != set(num_classes):
+            fail("dims", f"a width for each attribute {sorted(num_classes)}", f"keys {sorted(dims)}")
+        self.pooling, self.padding_idx = pooling, padding_idx
+        self.num_classes, self.dims = dict(num_classes), dims
+        self.tables = nn.ModuleDict()
+        for a, v in num_classes.items():
+            emb = nn.Embedding(v, dims[a], padding_idx=padding_idx)
+            nn.init.normal_(emb.weight, std=init_std)
+            with torch.no_grad():
+                emb.weight[padding_idx].zero_()
+            emb.weight.requires_grad_(trainable)
+            self.tables[a] = emb
+        for a, t in (item_tables or {}).items():
+            if a not in num_classes:
+                fail("item_tables", f"keys among {sorted(num_classes)}", repr(a))
+            check_tensor(f"item_tables[{a!r}]", t, ndim=2)
+            self.register_buffer(f"items_{a}", t.long(), persistent=False)
+
+    def lookup(self, items: Tensor) -> dict[str, Tensor]:
+        """Item ids ``(b, n)`` -> token ids ``(b, n, k)`` per attribute (from ``item_tables``)."""
+        out = {}
+        for a in self.num_classes:
+            table = getattr(self, f"items_{a}", None)
+            if table is None:
+                fail("items", f"item_tables for attribute {a!r} given at construction", "no table")
+            if items.numel() and (int(items.max()) >= table.shape[0] or int(items.min()) < 0):
+                fail("items", f"item ids in [0, {table.shape[0]}) (rows of item_tables[{a!r}])",
+                     f"ids in [{int(items.min())}, {int(items.max())}]")
+            out[a] = table[items]
+        return out
+
+    def forward(self, ids: Mapping[str, Tensor] | None = None, *, items: Tensor | None = None) -> dict[str, Tensor]:
+        if (ids is None) == (items is None):
+            fail("ids", "exactly one of ids= (attribute tokens) or items= (item ids)",
+                 "both" if ids is not None else "neither")
+        if items is not None:
+            ids = self.lookup(items)
+        if set(ids) != set(self.num_classes):
+            fail("ids", f"exactly the attributes {sorted(self.num_classes)}", f"keys {sorted(ids)}")
+        return {a: self._embed(a, ids[a]) for a in self.num_classes}
+
+    def _embed(self, a: str, tok: Tensor) -> Tensor:
+        check_tensor(f"ids[{a!r}]", tok)
+        if tok.is_floating_point() or tok.ndim not in (2, 3):
+            fail(f"ids[{a!r}]", "integer token ids of shape (b, n) or (b, n, k)", f"{tok.dtype} {tuple(tok.shape)}")
+        v = self.num_classes[a]
+        if tok.numel() and (int(tok.max()) >= v or int(tok.min()) < 0):
+            fail(f"ids[{a!r}]", f"token ids in [0, {v})", f"ids in [{int(tok.min())}, {int(tok.max())}]")
+        e = self.tables[a](tok)
+        if tok.ndim == 2:
+            return e
+        valid = (tok != self.padding_idx).unsqueeze(-1)  # (b, n, k, 1)
+        if self.pooling == "sum":
+            return (e * valid).sum(-2)
+        if self.pooling == "mean":
+            return (e * valid).sum(-2) / valid.sum(-2).clamp_min(1)
+        out = e.masked_fill(~valid, float("-inf")).amax(-2)
+        return torch.where(valid.any(-2), out, torch.zeros_like(out))

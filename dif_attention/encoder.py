@@ -1,0 +1,105 @@
+"""The SASRec / DIF-SR transformer block built on :class:`DecoupledAttention`, and a stack of them."""
+from __future__ import annotations
+
+import copy
+from typing import Mapping
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import DecoupledAttention
+from .errors import fail
+from .fusion import Fusion
+
+__all__ = ["FeedForward", "DecoupledEncoderLayer", "DecoupledEncoder"]
+
+_ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "swish": F.silu, "tanh": F.tanh}
+
+
+class FeedForward(nn.Module):
+    """``Linear(dim -> ff_dim) -> activation -> Linear(ff_dim -> dim) -> Dropout``."""
+
+    def __init__(self, dim: int, ff_dim: int, *, activation: str = "gelu", dropout: float = 0.0):
+        super().__init__()
+        if activation not in _ACTIVATIONS:
+            fail("activation", f"one of {sorted(_ACTIVATIONS)}", repr(activation))
+        self.up, self.down = nn.Linear(dim, ff_dim), nn.Linear(ff_dim, dim)
+        self.act, self.drop = _ACTIVATIONS[activation], nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.down(self.act(self.up(x))))
+
+
+class DecoupledEncoderLayer(nn.Module):
+    """Decoupled attention + feed-forward, each with dropout and a residual.
+
+    ``norm_first=False`` (default, as the paper and the reference): post-LN,
+    ``x = LN(x + Drop(Attn(x)))``, ``x = LN(x + FFN(x))``.
+    ``norm_first=True``: pre-LN, ``x = x + Drop(Attn(LN(x)))``, ``x = x + FFN(LN(x))``.
+
+    Side inputs (``attrs``, ``pos``) are used as given in every layer; only ``x`` is updated.
+    Keywords not listed go to :class:`DecoupledAttention` (``position``, ``max_len``, ``backend``, ...).
+    """
+
+    def __init__(self, dim: int, heads: int, *, attr_dims: Mapping[str, int] | None = None,
+                 fusion: "str | Fusion" = "add", ff_dim: int | None = None, dropout: float = 0.0,
+                 attn_dropout: float = 0.0, activation: str = "gelu", norm_first: bool = False,
+                 eps: float = 1e-12, **attention_kwargs):
+        super().__init__()
+        self.attn = DecoupledAttention(dim, heads, attr_dims=attr_dims, fusion=fusion, dropout=attn_dropout,
+                                       **attention_kwargs)
+        self.ff = FeedForward(dim, ff_dim or dim * 4, activation=activation, dropout=dropout)
+        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=eps), nn.LayerNorm(dim, eps=eps)
+        self.drop = nn.Dropout(dropout)
+        self.norm_first = norm_first
+
+    def forward(self, x: Tensor, *, attrs=None, pos=None, mask=None, is_causal: bool = False,
+                return_scores: bool = False):
+        kw = dict(attrs=attrs, pos=pos, mask=mask, is_causal=is_causal, return_scores=return_scores)
+        maps = None
+        if self.norm_first:
+            a = self.attn(self.norm1(x), **kw)
+            if return_scores:
+                a, maps = a
+            x = x + self.drop(a)
+            x = x + self.ff(self.norm2(x))
+        else:
+            a = self.attn(x, **kw)
+            if return_scores:
+                a, maps = a
+            x = self.norm1(x + self.drop(a))
+            x = self.norm2(x + self.ff(x))
+        return (x, maps) if return_scores else x
+
+
+class DecoupledEncoder(nn.Module):
+    """``num_layers`` independent :class:`DecoupledEncoderLayer` s (no weight sharing).
+
+    Takes the same keywords as the layer, and the same forward keywords as :class:`DecoupledAttention`.
+    A :class:`Fusion` instance passed as ``fusion`` is deep-copied per layer (one fusion per layer, as
+    the reference). With ``norm_first=True`` a final LayerNorm is applied.
+    With ``return_scores=True`` returns ``(x, [maps of layer 0, maps of layer 1, ...])``.
+    """
+
+    def __init__(self, num_layers: int, dim: int, heads: int, *, attr_dims: Mapping[str, int] | None = None,
+                 fusion: "str | Fusion" = "add", norm_first: bool = False, eps: float = 1e-12, **layer_kwargs):
+        super().__init__()
+        if not isinstance(num_layers, int) or num_layers < 1:
+            fail("num_layers", "a positive int", repr(num_layers))
+        self.layers = nn.ModuleList(
+            DecoupledEncoderLayer(dim, heads, attr_dims=attr_dims,
+                                  fusion=copy.deepcopy(fusion) if isinstance(fusion, Fusion) else fusion,
+                                  norm_first=norm_first, eps=eps, **layer_kwargs)
+            for _ in range(num_layers))
+        self.final_norm = nn.LayerNorm(dim, eps=eps) if norm_first else nn.Identity()
+
+    def forward(self, x: Tensor, *, attrs=None, pos=None, mask=None, is_causal: bool = False,
+                return_scores: bool = False):
+        all_maps = []
+        for layer in self.layers:
+            x = layer(x, attrs=attrs, pos=pos, mask=mask, is_causal=is_causal, return_scores=return_scores)
+            if return_scores:
+                x, maps = x
+                all_maps.append(maps)
+        x = self.final_norm(x)
+        return (x, all_maps) if return_scores else x

@@ -1,0 +1,52 @@
+"""The one error type of the library, and the small checks that raise it.
+
+Every message names the argument, what was seen and what was expected, e.g.::
+
+    DIFError: x: expected last dim 64 (= dim), got shape (8, 50, 32)
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+__all__ = ["DIFError"]
+
+
+class DIFError(ValueError):
+    """Invalid input to a dif_attention function or module.
+
+    A ``ValueError``, so code that already catches ``ValueError`` keeps working.
+    """
+
+
+def fmt_shape(shape: Sequence[Any]) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ")"
+
+
+def fail(arg: str, expected: str, seen: Any) -> None:
+    if isinstance(seen, torch.Size) or (isinstance(seen, tuple) and all(isinstance(s, int) for s in seen)):
+        seen = f"shape {fmt_shape(seen)}"
+    raise DIFError(f"{arg}: expected {expected}, got {seen}")
+
+
+def check_tensor(arg: str, t: Any, *, ndim: int | None = None, floating: bool = False) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        fail(arg, "a torch.Tensor", type(t).__name__)
+    if ndim is not None and t.ndim != ndim:
+        fail(arg, f"a {ndim}-d tensor", t.shape)
+    if floating and not t.is_floating_point():
+        fail(arg, "a floating-point tensor", f"dtype {t.dtype}")
+    return t
+
+
+def check_finite(arg: str, t: torch.Tensor) -> None:
+    if not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        fail(arg, "finite values (check_finite=True)", f"{bad} non-finite entries in shape {fmt_shape(t.shape)}")
+
+
+def check_divisible(arg: str, width: int, heads: int) -> int:
+    if width % heads != 0:
+        fail(arg, f"a width divisible by heads={heads}", f"width {width}")
+    return width // heads

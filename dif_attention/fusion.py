@@ -1,0 +1,255 @@
+"""Fusion functions: how the per-source score matrices become one score matrix.
+
+Shape legend: ``b`` batch, ``h`` heads, ``n`` query/key positions (``i`` rows, ``j`` keys),
+``s`` sources (source 0 is the item stream), ``e`` a source's head width.
+
+Every fusion has two faces that compute the same numbers:
+
+* ``combine(scores, allowed)`` -- the oracle face: takes the materialised raw (unscaled)
+  score matrices ``S_s = Q_s K_s^T``, each ``(b|1, h, n, n)``, and returns the fused raw
+  scores ``(b, h, n, n)``.
+* ``fold(queries, keys, allowed)`` -- the fast face: rewrites the per-source queries/keys
+  (and an optional additive key bias) so that ``sum_s q'_s k'_s^T + bias`` *is* the fused
+  score. The caller then runs one attention over the concatenated ``q'``/``k'``
+  (``reference/kernels.md`` section 0).
+
+Two families:
+
+* **Length-agnostic (the default).** Work for any ``n`` and never read masked keys, so they
+  are safe with causal training on all positions.
+* **Paper-exact (``max_len=L``).** What the DIF-SR code computes: functions of the whole,
+  *unmasked* score row of fixed length ``L``. They raise ``DIFError`` when ``n != L``.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .errors import DIFError, fail
+
+__all__ = ["Fusion", "AddFusion", "ConcatFusion", "GateFusion", "get_fusion"]
+
+
+def _masked_row_mean(queries: Sequence[Tensor], keys: Sequence[Tensor], allowed: Tensor | None) -> Tensor:
+    """Mean raw score of each query row over its allowed keys, per source: ``(b|1, h, n, s)``.
+
+    ``mean_j A_ij q_i.k_j = q_i . (A K)_i / |A_i|`` -- computed without any ``(n, n)`` score matrix.
+    Rows with no allowed key get 0.
+    """
+    out = []
+    for q, k in zip(queries, keys):
+        if allowed is None:
+            kbar = k.mean(dim=-2, keepdim=True)  # (b, h, 1, e)
+        else:
+            a = allowed.to(k.dtype)
+            count = a.sum(-1, keepdim=True).clamp_min(1.0)  # (., ., n, 1)
+            kbar = (a @ k) / count  # (b, h, n, e)
+        out.append((q * kbar).sum(-1))  # (b, h, n)
+    return torch.stack(torch.broadcast_tensors(*out), dim=-1)
+
+
+def _masked_row_mean_scores(scores: Sequence[Tensor], allowed: Tensor | None) -> Tensor:
+    """The oracle twin of :func:`_masked_row_mean`, from materialised scores."""
+    out = []
+    for s in scores:
+        if allowed is None:
+            out.append(s.mean(-1))
+        else:
+            a = allowed.to(s.dtype)
+            out.append((s * a).sum(-1) / a.sum(-1).clamp_min(1.0))
+    return torch.stack(torch.broadcast_tensors(*out), dim=-1)
+
+
+class Fusion(nn.Module):
+    """Base class. Subclasses implement ``combine`` and ``fold``; see the module docstring."""
+
+    #: ``n`` the fusion is tied to (paper-exact variants), or ``None`` for any ``n``.
+    max_len: int | None = None
+    #: number of sources this instance was built for, or ``None`` if it takes any.
+    num_sources: int | None = None
+
+    def bind(self, num_sources: int) -> "Fusion":
+        """Build the parameters for ``num_sources`` sources (idempotent; called by DecoupledAttention)."""
+        if self.num_sources is not None and self.num_sources != num_sources:
+            fail("fusion", f"a fusion built for {num_sources} sources (item, position, attributes)",
+                 f"{type(self).__name__} built for num_sources={self.num_sources}")
+        return self
+
+    def check(self, num_sources: int, n: int) -> None:
+        if self.max_len is not None and n != self.max_len:
+            fail("n", f"sequence length n == max_len={self.max_len} ({type(self).__name__}(max_len=...) "
+                 "is the paper-exact, length-bound variant; pad to max_len or use the length-agnostic default)",
+                 f"n={n}")
+        if self._needs_sources and self.num_sources is None:
+            raise DIFError(f"fusion: {type(self).__name__} has no parameters yet; pass num_sources= "
+                           "or use it inside DecoupledAttention, which binds it")
+        if self.num_sources is not None and self.num_sources != num_sources:
+            fail("queries", f"{self.num_sources} sources (fusion was built for that many)", f"{num_sources} sources")
+
+    _needs_sources = False
+
+    def combine(self, scores: list[Tensor], allowed: Tensor | None) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def fold(self, queries: list[Tensor], keys: list[Tensor], allowed: Tensor | None):  # pragma: no cover
+        raise NotImplementedError
+
+
+class AddFusion(Fusion):
+    """``S = sum_s S_s``: the paper's ``sum`` fusion. No parameters, any ``n``."""
+
+    def combine(self, scores, allowed):
+        out = scores[0]
+        for s in scores[1:]:
+            out = out + s
+        return out
+
+    def fold(self, queries, keys, allowed):
+        return list(queries), list(keys), None
+
+
+class ConcatFusion(Fusion):
+    """The ``concat`` fusion.
+
+    * ``ConcatFusion(max_len=L)`` -- **paper-exact**: each query row's score rows are concatenated
+      along the key axis, ``[S_0(i,:), ..., S_{s-1}(i,:)]`` of length ``s*L``, and mapped back to ``L``
+      by one ``Linear(s*L -> L)`` shared by heads: ``S(i,j) = sum_{s,k} W[j, s*L+k] S_s(i,k) + c[j]``.
+      Every fused score mixes *all* keys of the row, including future and padded ones (the
+      reference masks afterwards); only valid when sequences are padded to exactly ``L``.
+      Weights ``N(0, 0.02)``, bias 0, as the reference. Source order is ours (item, position,
+      attributes), the reference's is (attributes, item, position).
+    * ``ConcatFusion()`` -- **length-agnostic default**: the part of the concat map that survives
+      any ``n`` and causality is a learned mix over the *source* axis only,
+      ``S(i,j) = sum_s w_s S_s(i,j)`` (a constant per-row bias is a softmax no-op and is dropped).
+      ``w`` starts at 1, i.e. as ``add``.
+
+    Fast path: ``k'_s = W_s K_s`` (keys mixed along the sequence axis) plus a key bias ``c`` for the
+    paper-exact map; ``q'_s = w_s q_s`` for the default.
+    """
+
+    _needs_sources = True
+
+    def __init__(self, *, max_len: int | None = None, num_sources: int | None = None):
+        super().__init__()
+        if max_len is not None and (not isinstance(max_len, int) or max_len < 1):
+            fail("max_len", "a positive int or None", repr(max_len))
+        self.max_len = max_len
+        self.num_sources = None
+        if num_sources is not None:
+            self.bind(num_sources)
+
+    def bind(self, num_sources):
+        if self.num_sources is None:
+            self.num_sources = num_sources
+            if self.max_len is None:
+                self.weight = nn.Parameter(torch.ones(num_sources))
+            else:
+                self.proj = nn.Linear(num_sources * self.max_len, self.max_len)
+                nn.init.normal_(self.proj.weight, std=0.02)
+                nn.init.zeros_(self.proj.bias)
+        return super().bind(num_sources)
+
+    def combine(self, scores, allowed):
+        if self.max_len is None:
+            out = scores[0] * self.weight[0]
+            for w, s in zip(self.weight[1:], scores[1:]):
+                out = out + w * s
+            return out
+        rows = torch.cat(torch.broadcast_tensors(*scores), dim=-1)  # (b, h, n, s*L)
+        return self.proj(rows)
+
+    def fold(self, queries, keys, allowed):
+        if self.max_len is None:
+            return [w * q for w, q in zip(self.weight, queries)], list(keys), None
+        L = self.max_len
+        w = self.proj.weight  # (L, s*L)
+        new_keys = [w[:, s * L:(s + 1) * L] @ k for s, k in enumerate(keys)]  # (b, h, L, e)
+        return list(queries), new_keys, self.proj.bias  # bias over keys j: (L,)
+
+
+class GateFusion(Fusion):
+    """The ``gate`` fusion: per query row, a softmax over sources of learned energies, then
+    ``S(i,:) = sum_s g_s(i) S_s(i,:)`` with ``sum_s g_s(i) = 1`` (per batch row and head).
+
+    * ``GateFusion(max_len=L)`` -- **paper-exact**: the energy of source ``s`` is a row-MLP on its raw,
+      *unmasked* score row, ``e_s(i) = Linear(L->1)(ReLU(Linear(L->L)(S_s(i,:))))``, the MLP shared by
+      sources and heads (the reference's ``VanillaAttention(L, L)``). Reads future and padded keys;
+      tied to ``L``. Weights ``N(0, 0.02)``, biases 0.
+    * ``GateFusion()`` -- **length-agnostic default**: the same shared row-MLP idea, fed a summary of
+      the row that exists for any ``n`` and reads only allowed keys: the row's mean raw score over
+      its allowed keys, ``m_s(i) = mean_{j allowed} S_s(i,j)``. ``e_s(i) = MLP(m_s(i)) + b_s`` with a
+      ``Linear(1->hidden) -> ReLU -> Linear(hidden->1)`` MLP shared by sources and a learned
+      per-source bias ``b_s`` (starts at 0). Causal-safe: row ``i`` never sees keys it may not attend.
+
+    Fast path: the gate is a per-row scalar per source, so ``q'_s = g_s q_s`` -- one attention.
+    The default computes ``m_s`` as ``q_s . (A K_s)_i / |A_i|`` without materialising any score matrix.
+    """
+
+    def __init__(self, *, max_len: int | None = None, num_sources: int | None = None, hidden: int = 16):
+        super().__init__()
+        if max_len is not None and (not isinstance(max_len, int) or max_len < 1):
+            fail("max_len", "a positive int or None", repr(max_len))
+        self.max_len = max_len
+        self.num_sources = None
+        if max_len is None:
+            self._needs_sources = True
+            self.mlp = nn.Sequential(nn.Linear(1, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        else:
+            self.mlp = nn.Sequential(nn.Linear(max_len, max_len), nn.ReLU(), nn.Linear(max_len, 1))
+            for m in self.mlp:
+                if isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, std=0.02)
+                    nn.init.zeros_(m.bias)
+        if num_sources is not None:
+            self.bind(num_sources)
+
+    def bind(self, num_sources):
+        if self.num_sources is None:
+            self.num_sources = num_sources
+            if self.max_len is None:
+                self.source_bias = nn.Parameter(torch.zeros(num_sources))
+        return super().bind(num_sources)
+
+    def _gates_from_rows(self, rows: list[Tensor]) -> Tensor:
+        energies = [self.mlp(r) for r in rows]  # each (b|1, h, n, 1)
+        return torch.cat(torch.broadcast_tensors(*energies), dim=-1).softmax(-1)  # (b, h, n, s)
+
+    def gates(self, queries, keys, allowed) -> Tensor:
+        """Gate weights ``(b, h, n, s)`` (rows sum to 1), from queries/keys."""
+        if self.max_len is None:
+            m = _masked_row_mean(queries, keys, allowed)  # (b, h, n, s)
+            e = self.mlp(m.unsqueeze(-1)).squeeze(-1) + self.source_bias
+            return e.softmax(-1)
+        return self._gates_from_rows([q @ k.transpose(-1, -2) for q, k in zip(queries, keys)])
+
+    def combine(self, scores, allowed):
+        if self.max_len is None:
+            m = _masked_row_mean_scores(scores, allowed)
+            g = (self.mlp(m.unsqueeze(-1)).squeeze(-1) + self.source_bias).softmax(-1)
+        else:
+            g = self._gates_from_rows(scores)
+        out = g[..., 0:1] * scores[0]
+        for s in range(1, len(scores)):
+            out = out + g[..., s:s + 1] * scores[s]
+        return out
+
+    def fold(self, queries, keys, allowed):
+        g = self.gates(queries, keys, allowed)
+        return [g[..., s:s + 1] * q for s, q in enumerate(queries)], list(keys), None
+
+
+def get_fusion(fusion: "str | Fusion", *, num_sources: int | None = None, max_len: int | None = None) -> Fusion:
+    """A fusion module from a name (``"add"``, ``"concat"``, ``"gate"``) or a module (returned as is)."""
+    if isinstance(fusion, Fusion):
+        if num_sources is not None:
+            fusion.bind(num_sources)
+        return fusion
+    names = {"add": AddFusion, "sum": AddFusion, "concat": ConcatFusion, "gate": GateFusion}
+    if fusion not in names:
+        fail("fusion", f"one of {sorted(names)} or a Fusion module", repr(fusion))
+    cls = names[fusion]
+    if cls is AddFusion:
+        return AddFusion()
+    return cls(max_len=max_len, num_sources=num_sources)
