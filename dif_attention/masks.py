@@ -18,7 +18,7 @@ __all__ = ["causal_mask", "padding_mask", "lengths_mask", "check_mask", "combine
 
 def causal_mask(n: int, *, device: torch.device | str | None = None) -> torch.Tensor:
     """``(n, n)`` bool, True on and below the diagonal (key j <= query i)."""
-    if not isinstance(n, int) or n < 1:
+    if not isinstance(n, (int, torch.SymInt)) or isinstance(n, bool) or n < 1:  # SymInt: traced (dynamic) n
         fail("n", "a positive int", repr(n))
     return torch.ones(n, n, dtype=torch.bool, device=device).tril()
 
