@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import check_tensor, fail
+from .errors import check_matches, check_tensor, fail
 
 __all__ = ["AttributePredictor", "aap_loss", "multi_hot", "total_loss"]
 
@@ -42,6 +42,7 @@ class AttributePredictor(nn.Module):
 
     def forward(self, h: Tensor) -> dict[str, Tensor]:
         check_tensor("h", h, floating=True)
+        check_matches("h", h, next(iter(self.heads.values())).weight, "AttributePredictor")
         if h.shape[-1] != self.dim:
             fail("h", f"last dim {self.dim} (= dim)", h.shape)
         return {a: head(h) for a, head in self.heads.items()}
@@ -81,6 +82,9 @@ def aap_loss(logits: Mapping[str, Tensor], targets: Mapping[str, Tensor], *, val
         keep[pad_id] = False
         per = F.binary_cross_entropy_with_logits(lg, y, reduction="none")[..., keep]  # (..., V-1)
         if valid is not None:
+            check_tensor("valid", valid)
+            if valid.dtype != torch.bool:  # an int 0/1 tensor would silently index rows instead of selecting
+                fail("valid", f"a bool tensor of shape {tuple(lg.shape[:-1])}", f"dtype {valid.dtype}")
             if valid.shape != lg.shape[:-1]:
                 fail("valid", f"bool of shape {tuple(lg.shape[:-1])}", valid.shape)
             per = per[valid]
@@ -92,6 +96,8 @@ def total_loss(item_loss: Tensor, aap_losses: Mapping[str, Tensor], *, lamb: "fl
     """``L_item + sum_j lambda_j * L_fj`` (``lamb`` a float for all attributes, or one per attribute)."""
     total = item_loss
     for a, l in aap_losses.items():
+        if isinstance(lamb, Mapping) and a not in lamb:
+            fail("lamb", f"a weight for every attribute {sorted(aap_losses)}", f"keys {sorted(lamb)}")
         w = lamb[a] if isinstance(lamb, Mapping) else lamb
         total = total + w * l
     return total

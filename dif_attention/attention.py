@@ -7,7 +7,8 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from .errors import DIFError, check_divisible, check_tensor, fail
+from .errors import DIFError, check_divisible, check_matches, check_tensor, fail
+from .errors import check_finite as _check_finite
 from .functional import BACKENDS, _prepare, _reference, decoupled_attention
 from .fusion import Fusion, get_fusion
 
@@ -88,12 +89,18 @@ class DecoupledAttention(nn.Module):
     def _heads(self, t: Tensor) -> Tensor:
         return rearrange(t, "... n (h e) -> ... h n e", h=self.heads)
 
+    def _check_input(self, arg: str, t: Tensor) -> None:
+        check_matches(arg, t, self.to_q.weight, "DecoupledAttention")
+        if self.check_finite:
+            _check_finite(arg, t)
+
     def project(self, x: Tensor, *, attrs: Mapping[str, Tensor] | None = None, pos: Tensor | None = None):
         """Validate inputs and return ``(queries, keys, value)`` in the functional layout."""
         check_tensor("x", x, ndim=3, floating=True)
         b, n, d = x.shape
         if d != self.dim:
             fail("x", f"last dim {self.dim} (= dim), shape (b, n, {self.dim})", x.shape)
+        self._check_input("x", x)
         queries, keys = [self._heads(self.to_q(x))], [self._heads(self.to_k(x))]
         value = self._heads(self.to_v(x))
         if self.position:
@@ -101,6 +108,7 @@ class DecoupledAttention(nn.Module):
                 raise DIFError("pos: expected the position embedding (n, dim) or (b, n, dim) because "
                                "position=True, got None")
             check_tensor("pos", pos, floating=True)
+            self._check_input("pos", pos)
             if pos.ndim == 2:
                 if pos.shape != (n, self.dim):
                     fail("pos", f"shape ({n}, {self.dim}) = (n, dim)", pos.shape)
@@ -123,6 +131,7 @@ class DecoupledAttention(nn.Module):
                  f"keys {sorted(attrs)} (missing {sorted(missing)}, undeclared {sorted(extra)})")
         for a, width in self.attr_dims.items():
             t = check_tensor(f"attrs[{a!r}]", attrs[a], ndim=3, floating=True)
+            self._check_input(f"attrs[{a!r}]", t)
             if t.shape != (b, n, width):
                 fail(f"attrs[{a!r}]", f"shape ({b}, {n}, {width}) = (b, n, attr_dims[{a!r}])", t.shape)
             queries.append(self._heads(self.attr_q[a](t)).to(value.dtype))

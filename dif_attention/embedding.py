@@ -101,6 +101,9 @@ class AttributeEmbedding(nn.Module):
         if tok.is_floating_point() or tok.ndim not in (2, 3):
             fail(f"ids[{a!r}]", "integer token ids of shape (b, n) or (b, n, k)", f"{tok.dtype} {tuple(tok.shape)}")
         v = self.num_classes[a]
+        if tok.device != self.tables[a].weight.device:
+            fail(f"ids[{a!r}]", f"device {self.tables[a].weight.device} (the device of the embedding tables)",
+                 f"device {tok.device}")
         if tok.numel() and (int(tok.max()) >= v or int(tok.min()) < 0):
             fail(f"ids[{a!r}]", f"token ids in [0, {v})", f"ids in [{int(tok.min())}, {int(tok.max())}]")
         e = self.tables[a](tok)

@@ -46,6 +46,15 @@ def check_finite(arg: str, t: torch.Tensor) -> None:
         fail(arg, "finite values (check_finite=True)", f"{bad} non-finite entries in shape {fmt_shape(t.shape)}")
 
 
+def check_matches(arg: str, t: torch.Tensor, param: torch.Tensor, owner: str) -> None:
+    """``t`` must live on ``param``'s device and, outside autocast, have its dtype (``owner`` names the module)."""
+    if t.device != param.device:
+        fail(arg, f"device {param.device} (the device of {owner}'s parameters)", f"device {t.device}")
+    if t.dtype != param.dtype and not torch.is_autocast_enabled(t.device.type):
+        fail(arg, f"dtype {param.dtype} (the dtype of {owner}'s parameters; cast the module with .to(dtype) "
+             "or run under torch.autocast)", f"dtype {t.dtype}")
+
+
 def check_divisible(arg: str, width: int, heads: int) -> int:
     if width % heads != 0:
         fail(arg, f"a width divisible by heads={heads}", f"width {width}")

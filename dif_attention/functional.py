@@ -81,6 +81,8 @@ def _prepare(queries, keys, value, mask, is_causal, fusion, scale, dropout_p, ch
     allowed = combine_masks(mask, is_causal, n, value.device)
     if scale is None:
         scale = 1.0 / math.sqrt(queries[0].shape[-1])
+    elif not (math.isfinite(float(scale)) and float(scale) > 0):
+        fail("scale", "a finite positive float (or None for 1/sqrt(e_0))", repr(scale))
     if not (0.0 <= float(dropout_p) < 1.0):
         fail("dropout_p", "a probability in [0, 1)", repr(dropout_p))
     return b, h, n, fusion, allowed, float(scale)

@@ -34,6 +34,10 @@ def padding_mask(ids: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
 def lengths_mask(lengths: torch.Tensor, n: int) -> torch.Tensor:
     """Key-padding mask for right-padded sequences of the given ``lengths (b,)``: ``(b, 1, 1, n)``."""
     check_tensor("lengths", lengths, ndim=1)
+    if lengths.is_floating_point() or lengths.dtype == torch.bool:
+        fail("lengths", "an integer tensor of sequence lengths", f"dtype {lengths.dtype}")
+    if not isinstance(n, (int, torch.SymInt)) or isinstance(n, bool) or n < 1:
+        fail("n", "a positive int", repr(n))
     return (torch.arange(n, device=lengths.device)[None, :] < lengths[:, None])[:, None, None, :]
 
 
