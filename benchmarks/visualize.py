@@ -1,0 +1,130 @@
+"""Attention maps of one sequence, per layer and per source (the paper's Figure 7).
+
+    python benchmarks/visualize.py                        # trained DIF-SASRec on ML-100K, one user, head 0
+    python benchmarks/visualize.py --dataset beauty --length 15 --head 1
+    python benchmarks/visualize.py --init                 # the same model at initialisation (no training)
+    python benchmarks/visualize.py --raw                  # raw scores instead of attention weights
+
+Rows: layers. Columns: the decoupled maps of the item, position and each attribute, then the fused map.
+By default every decoupled map is shown as the attention it would give alone, ``softmax(S_s / sqrt(d_h))``
+under the model's causal mask, and the fused column is the model's actual attention
+``softmax(fuse(S) / sqrt(d_h))``; ``--raw`` shows the raw scores ``S_s`` and ``fuse(S)`` (masked cells blank).
+The model and its checkpoint are the ones of ``benchmarks/rank.py`` (same flags; trained if absent).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+for p in (ROOT, Path(__file__).resolve().parent):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="ml-100k")
+    p.add_argument("--user", type=int, default=0, help="index among the users with at least --length test items")
+    p.add_argument("--length", type=int, default=20, help="positions shown (the most recent items)")
+    p.add_argument("--head", type=int, default=0)
+    p.add_argument("--raw", action="store_true", help="raw scores instead of attention weights")
+    p.add_argument("--init", action="store_true", help="the model at initialisation, no checkpoint")
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--attr-dim", type=int, default=32)
+    p.add_argument("--n", type=int, default=50, help="max_len of the model")
+    p.add_argument("--fusion", default="gate")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--train-seconds", type=float, default=600.0)
+    p.add_argument("--runs", type=Path, default=ROOT / "runs")
+    p.add_argument("--out", type=Path, default=None, help="PNG path (default docs/img/attention_<dataset>.png)")
+    args = p.parse_args(argv)
+    if args.out is None:
+        args.out = ROOT / "docs" / "img" / f"attention_{args.dataset}{'_init' if args.init else ''}.png"
+    return args
+
+
+def panels(maps: list[dict], length: int, head: int, dim_head: int, raw: bool) -> list[dict[str, torch.Tensor]]:
+    """Per layer: source name -> ``(length, length)`` matrix to draw (NaN where the causal mask forbids)."""
+    allowed = torch.ones(length, length, dtype=torch.bool).tril()
+    out = []
+    for layer in maps:
+        row = {}
+        for name, s in layer.items():
+            if name == "probs":
+                continue
+            m = s[0, head, :length, :length].double()
+            if not raw:
+                m = (m / math.sqrt(dim_head)).masked_fill(~allowed, float("-inf")).softmax(-1)
+            row[name] = m.masked_fill(~allowed, float("nan"))
+        fused = row.pop("fused")
+        row["fused" if raw else "fused (model attention)"] = fused
+        out.append(row)
+    return out
+
+
+def draw(rows: list[dict[str, torch.Tensor]], path: Path, title: str, raw: bool) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = list(rows[0])
+    fig, axes = plt.subplots(len(rows), len(cols), figsize=(2.6 * len(cols), 2.5 * len(rows)), squeeze=False)
+    for i, row in enumerate(rows):
+        for j, name in enumerate(cols):
+            ax = axes[i][j]
+            im = ax.imshow(row[name].numpy(), cmap="viridis", vmin=None if raw else 0.0)
+            ax.set_title(f"layer {i + 1}: {name}", fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03).ax.tick_params(labelsize=6)
+    axes[-1][0].set_xlabel("key position", fontsize=7)
+    axes[-1][0].set_ylabel("query position", fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> Path:
+    args = parse(argv)
+    from examples.data import load_dataset
+    from examples.models import build_model
+    from trained_rank import config, trained_model
+
+    dataset = load_dataset(args.dataset)
+    cfg = config(args)
+    if args.init:
+        torch.manual_seed(args.seed)
+        model = build_model("DIFSASRec", dataset.info, **cfg.model_kwargs()).eval()
+    else:
+        model = trained_model(dataset, "DIFSASRec", cfg)
+    hist, _ = dataset.split("test", args.n)
+    ids = torch.from_numpy(hist)
+    long_enough = ((ids != 0).sum(1) >= args.length).nonzero().flatten()
+    if args.user >= len(long_enough):
+        raise SystemExit(f"--user: expected < {len(long_enough)} (users with >= {args.length} test items), "
+                         f"got {args.user}")
+    u = int(long_enough[args.user])
+    seq = ids[u][ids[u] != 0][-args.length:][None]  # (1, length) the most recent items
+    with torch.no_grad():
+        _, maps = model.double()(seq, return_scores=True)
+    rows = panels(maps, args.length, args.head, args.dim // args.heads, args.raw)
+    what = "raw scores" if args.raw else "attention weights (each source alone; fused = the model's)"
+    state = "at initialisation" if args.init else "trained"
+    draw(rows, args.out, f"DIF-SASRec ({state}) on {dataset.name}, test user #{u}, last {args.length} items, "
+                         f"head {args.head}: {what}", args.raw)
+    print(f"wrote {args.out}")
+    return args.out
+
+
+if __name__ == "__main__":
+    main()
