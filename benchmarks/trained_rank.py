@@ -55,9 +55,9 @@ def run_trained(args, measure) -> list[dict]:
 
     rows = []
     cfg = config(args)
-    for ds_name in args.datasets:
+    for ds_name in args.datasets:  # names for examples.data.load_dataset, or Dataset objects (the tests)
         try:
-            dataset = load_dataset(ds_name)
+            dataset = load_dataset(ds_name) if isinstance(ds_name, (str, Path)) else ds_name
         except Exception as e:  # a missing file or no network for the ML-100K download: say so, keep going
             print(f"[skip] {ds_name}: {e}", file=sys.stderr)
             continue

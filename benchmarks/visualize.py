@@ -94,13 +94,14 @@ def draw(rows: list[dict[str, torch.Tensor]], path: Path, title: str, raw: bool)
     plt.close(fig)
 
 
-def main(argv=None) -> Path:
+def main(argv=None, dataset=None) -> Path:
+    """``dataset``: an ``examples.data.Dataset`` to use instead of loading ``--dataset``."""
     args = parse(argv)
     from examples.data import load_dataset
     from examples.models import build_model
     from trained_rank import config, trained_model
 
-    dataset = load_dataset(args.dataset)
+    dataset = load_dataset(args.dataset) if dataset is None else dataset
     cfg = config(args)
     if args.init:
         torch.manual_seed(args.seed)
