@@ -21,7 +21,8 @@ def multi_hot(tokens: Tensor, num_classes: int, *, pad_id: int = 0) -> Tensor:
     with the ``pad_id`` column zero. (The reference summed one-hots, so a repeated token counted twice.)"""
     if tokens.is_floating_point():
         fail("tokens", "integer token ids", f"dtype {tokens.dtype}")
-    if tokens.numel() and (int(tokens.max()) >= num_classes or int(tokens.min()) < 0):
+    eager = not torch.compiler.is_compiling()  # the range check reads values: eager mode only
+    if eager and tokens.numel() and (int(tokens.max()) >= num_classes or int(tokens.min()) < 0):
         fail("tokens", f"token ids in [0, {num_classes})", f"ids in [{int(tokens.min())}, {int(tokens.max())}]")
     out = torch.zeros(*tokens.shape[:-1], num_classes, device=tokens.device)
     out.scatter_(-1, tokens, 1.0)

@@ -13,6 +13,12 @@ __all__ = ["AttributeEmbedding", "item_attribute_table"]
 POOLINGS = ("sum", "mean", "max")
 
 
+def _eager() -> bool:
+    """Range checks read tensor values (a host sync, a graph break): run them in eager mode only. Under
+    ``torch.compile``/``torch.export`` an out-of-range id still fails, with PyTorch's own index error."""
+    return not torch.compiler.is_compiling()
+
+
 def item_attribute_table(item_to_tokens: Mapping[int, Sequence[int]], num_items: int, *,
                          max_tokens: int | None = None) -> Tensor:
     """A ``(num_items, k)`` long table, row ``i`` = item ``i``'s attribute tokens padded with 0.
@@ -80,7 +86,7 @@ class AttributeEmbedding(nn.Module):
             table = getattr(self, f"items_{a}", None)
             if table is None:
                 fail("items", f"item_tables for attribute {a!r} given at construction", "no table")
-            if items.numel() and (int(items.max()) >= table.shape[0] or int(items.min()) < 0):
+            if _eager() and items.numel() and (int(items.max()) >= table.shape[0] or int(items.min()) < 0):
                 fail("items", f"item ids in [0, {table.shape[0]}) (rows of item_tables[{a!r}])",
                      f"ids in [{int(items.min())}, {int(items.max())}]")
             out[a] = table[items]
@@ -104,7 +110,7 @@ class AttributeEmbedding(nn.Module):
         if tok.device != self.tables[a].weight.device:
             fail(f"ids[{a!r}]", f"device {self.tables[a].weight.device} (the device of the embedding tables)",
                  f"device {tok.device}")
-        if tok.numel() and (int(tok.max()) >= v or int(tok.min()) < 0):
+        if _eager() and tok.numel() and (int(tok.max()) >= v or int(tok.min()) < 0):
             fail(f"ids[{a!r}]", f"token ids in [0, {v})", f"ids in [{int(tok.min())}, {int(tok.max())}]")
         e = self.tables[a](tok)
         if tok.ndim == 2:
