@@ -28,6 +28,7 @@ def test_rank_benchmark_at_init_end_to_end(tmp_path):
     assert (tmp_path / "img" / "rank.png").stat().st_size > 10_000
     saved = json.loads((tmp_path / "rank.json").read_text())
     assert saved["ordering"] == ["init: random sequences: DIF 20.00 > NOVA 8.00 >= SASRecF 8.00 -> holds"]
+    assert by["DIF"]["loose"] <= 20.0 and by["SASRecF"]["loose"] <= 8.0
     assert "| init: random sequences | DIF | 20.00 | 20.0 | 20.0 / 20.0 |" in (tmp_path / "rank_table.md").read_text()
 
 
