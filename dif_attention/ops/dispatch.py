@@ -118,10 +118,13 @@ def _fold(queries, keys, allowed_for_fold, fusion, b):
 
 
 def _kernel_mask(allowed: Tensor | None, is_causal: bool, n: int):
-    """(mask for the kernel or None, causal flag). A 2-d causal mask becomes the flag alone."""
+    """(mask for the kernel or None, causal flag). The kernel ANDs the flag and the mask, so passing
+    both is always exact; a 2-d mask equal to the causal one becomes the flag alone (checked in eager
+    mode only: under torch.compile the small (n, n) mask is read, avoiding a data-dependent branch)."""
     if allowed is None:
         return None, is_causal
-    if allowed.ndim == 2 and is_causal and bool(torch.equal(allowed, torch.ones_like(allowed).tril())):
+    if (allowed.ndim == 2 and is_causal and not torch.compiler.is_compiling()
+            and bool(torch.equal(allowed, torch.ones_like(allowed).tril()))):
         return None, True
     m = allowed.reshape((1,) * (4 - allowed.ndim) + tuple(allowed.shape))
     return m, is_causal
@@ -144,14 +147,14 @@ def _lengths_allowed(lengths, n):
     return valid[:, None, :, None] & valid[:, None, None, :]  # (b, 1, n, n)
 
 
-def _fold_mask(allowed, is_causal, lengths, n):
+def _fold_mask(allowed, is_causal, lengths, n, device):
     """The combined bool mask, for fusions whose fold reads it (the default gate)."""
     m = allowed
     if lengths is not None:
         la = _lengths_allowed(lengths, n)
         m = la if m is None else m & la
     if is_causal:
-        c = torch.ones(n, n, dtype=torch.bool, device=lengths.device if m is None else m.device).tril()
+        c = torch.ones(n, n, dtype=torch.bool, device=device).tril()
         m = c if m is None else m & c
     return m
 
@@ -193,10 +196,10 @@ def triton_decoupled_attention(queries, keys, value, *, allowed: Tensor | None =
                            + "; ".join(reasons))
         from ..functional import _sdpa
 
-        mask = _fold_mask(allowed, is_causal, lengths, n)
+        mask = _fold_mask(allowed, is_causal, lengths, n, value.device)
         return _sdpa(queries, keys, value, mask, is_causal, fusion, float(scale), float(dropout_p))
     needs_mask = isinstance(fusion, GateFusion) and fusion.max_len is None
-    fold_mask = _fold_mask(allowed, is_causal, lengths, n) if needs_mask else None
+    fold_mask = _fold_mask(allowed, is_causal, lengths, n, value.device) if needs_mask else None
     q, k, bias = _fold(queries, keys, fold_mask, fusion, b)
     mask, causal = _kernel_mask(allowed, is_causal, n)
     seed_t = None
