@@ -37,7 +37,7 @@ from .masks import check_mask, combine_masks
 
 __all__ = ["decoupled_attention", "reference_attention", "BACKENDS"]
 
-BACKENDS = ("auto", "torch", "sdpa", "triton")
+BACKENDS = ("auto", "torch", "sdpa", "math", "triton")
 
 
 def _validate(queries, keys, value, check_finite: bool):
@@ -113,12 +113,12 @@ def _reference(queries, keys, value, allowed, fusion, scale, dropout_p):
     return out, {"sources": scores, "fused": fused, "probs": probs}
 
 
-def _sdpa(queries, keys, value, allowed, is_causal, fusion, scale, dropout_p):
+def _fold(queries, keys, value, allowed, fusion):
+    """Fold the fusion into ``(q, k, bias)``: one attention over ``q, k`` (concatenated per-source
+    widths) plus an additive raw-score ``bias`` (``(1|b, h|1, n|1, n)`` or None) computes the fused scores."""
     b = value.shape[0]
     qs, ks, key_bias = fusion.fold(list(queries), list(keys), allowed)
-    bias = None
-    if key_bias is not None:
-        bias = key_bias.reshape(1, 1, 1, -1)
+    bias = None if key_bias is None else key_bias.reshape(1, 1, 1, -1)
     if b > 1:
         shared = [i for i, (q, k) in enumerate(zip(qs, ks)) if q.shape[0] == 1 and k.shape[0] == 1]
         if shared and len(shared) < len(qs):
@@ -129,10 +129,34 @@ def _sdpa(queries, keys, value, allowed, is_causal, fusion, scale, dropout_p):
             ks = [k for i, k in enumerate(ks) if i not in shared]
     q = qs[0].expand(b, -1, -1, -1) if len(qs) == 1 else torch.cat([t.expand(b, -1, -1, -1) for t in qs], -1)
     k = ks[0].expand(b, -1, -1, -1) if len(ks) == 1 else torch.cat([t.expand(b, -1, -1, -1) for t in ks], -1)
+    return q, k, bias
+
+
+def _math(queries, keys, value, allowed, is_causal, fusion, scale, dropout_p):
+    """One materialised score matrix over the folded q/k (never one per source)."""
+    q, k, bias = _fold(queries, keys, value, allowed, fusion)
+    logits = q @ k.transpose(-1, -2)
+    if bias is not None:
+        logits = logits + bias
+    logits = logits * scale
+    if allowed is not None:
+        row_ok = allowed.any(-1, keepdim=True)
+        logits = logits.masked_fill(~allowed, float("-inf")).masked_fill(~row_ok, 0.0)
+    probs = logits.softmax(-1)
+    if allowed is not None:
+        probs = probs * row_ok
+    if dropout_p > 0:
+        probs = F.dropout(probs, p=dropout_p)
+    return probs @ value
+
+
+def _sdpa(queries, keys, value, allowed, is_causal, fusion, scale, dropout_p):
+    """One ``scaled_dot_product_attention`` call over the folded q/k."""
+    q, k, bias = _fold(queries, keys, value, allowed, fusion)
     causal_only = is_causal and allowed is not None and allowed.ndim == 2
     if bias is None:
         if causal_only:
-            return F.scaled_dot_product_attention(q, k, value, dropout_p=dropout_p, is_causal=True, scale=scale)
+            return _sdpa_causal(q, k, value, dropout_p, scale)
         return _sdpa_call(q, k, value, allowed, dropout_p, scale)
     attn_mask = bias * scale
     if allowed is not None:
@@ -140,8 +164,25 @@ def _sdpa(queries, keys, value, allowed, is_causal, fusion, scale, dropout_p):
     return _sdpa_call(q, k, value, attn_mask, dropout_p, scale)
 
 
+def _sdpa_causal(q, k, v, dropout_p, scale):
+    e, ev = q.shape[-1], v.shape[-1]
+    if e != ev and v.device.type == "cpu" and dropout_p == 0.0:
+        w = max(e, ev)
+        q, k, vp = F.pad(q, (0, w - e)), F.pad(k, (0, w - e)), F.pad(v, (0, w - ev))
+        return F.scaled_dot_product_attention(q, k, vp, is_causal=True, scale=scale)[..., :ev]
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
+
+
 def _sdpa_call(q, k, v, attn_mask, dropout_p, scale):
-    # rows whose mask is all False (or all -inf) come back as zeros with zero gradients (tested)
+    # Rows whose mask is all False (or all -inf) come back as zeros with zero gradients (tested).
+    # SDPA's CPU flash kernel needs equal q/k and v widths and no dropout; otherwise CPU falls back to the
+    # slower math kernel. Zero-padding the narrower side keeps the result exact and makes flash eligible.
+    e, ev = q.shape[-1], v.shape[-1]
+    if e != ev and v.device.type == "cpu" and dropout_p == 0.0:
+        if e > ev:
+            out = F.scaled_dot_product_attention(q, k, F.pad(v, (0, e - ev)), attn_mask=attn_mask, scale=scale)
+            return out[..., :ev]
+        q, k = F.pad(q, (0, ev - e)), F.pad(k, (0, ev - e))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
 
 
@@ -159,8 +200,10 @@ def decoupled_attention(queries: Sequence[Tensor], keys: Sequence[Tensor], value
             carry parameters, so pass an instance bound to ``len(queries)`` sources).
         scale: multiplies the *fused* scores; default ``1/sqrt(e_0)``.
         dropout_p: dropout on the attention probabilities (pass 0 in eval mode).
-        backend: ``"torch"`` (the oracle), ``"sdpa"`` (one fused SDPA call), ``"triton"`` (the fused kernel,
-            CUDA), or ``"auto"`` (the fastest correct path available).
+        backend: ``"torch"`` (the oracle: one score matrix per source), ``"sdpa"`` (one fused SDPA call),
+            ``"math"`` (one materialised score matrix over the folded q/k), ``"triton"`` (the fused kernel,
+            CUDA), or ``"auto"`` (the fastest correct path available: triton on CUDA when installed, else
+            sdpa; on CPU with gradients, math).
         check_finite: raise ``DIFError`` on NaN/inf inputs.
 
     Returns ``(b, h, n, e_v)``. Query rows with no allowed key return zeros.
@@ -176,7 +219,21 @@ def decoupled_attention(queries: Sequence[Tensor], keys: Sequence[Tensor], value
         return triton_decoupled_attention(queries, keys, value, allowed=allowed, is_causal=is_causal,
                                           fusion=fusion, scale=scale, dropout_p=dropout_p,
                                           strict=backend == "triton")
+    if backend == "math" or (backend == "auto" and _prefer_math(value, queries)):
+        return _math(queries, keys, value, allowed, is_causal, fusion, scale, dropout_p)
     return _sdpa(queries, keys, value, allowed, is_causal, fusion, scale, dropout_p)
+
+
+def _prefer_math(value: Tensor, queries) -> bool:
+    """On CPU, SDPA's flash backward loses to one materialised matmul-softmax at short lengths when
+    gradients are needed; its forward, and long sequences, favour SDPA (benchmarks/attention_speed.py)."""
+    if value.device.type != "cpu" or not torch.is_grad_enabled() or value.shape[-2] > MATH_MAX_N:
+        return False
+    return value.requires_grad or any(q.requires_grad for q in queries)
+
+
+#: on CPU with gradients, ``"auto"`` uses the ``"math"`` path up to this length (see ``_prefer_math``)
+MATH_MAX_N = 128
 
 
 def _triton_usable(value: Tensor) -> bool:

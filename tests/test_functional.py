@@ -103,11 +103,15 @@ def _grads(out, tensors, seed=1):
     return torch.autograd.grad(out, tensors, g, allow_unused=True)
 
 
+FAST = ["sdpa", "math"]
+
+
+@pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n", [1, 7, 50, 97])
 @pytest.mark.parametrize("mask_name", MASKS)
 @pytest.mark.parametrize("fusion_name", FUSIONS)
-def test_fast_path_matches_oracle(fusion_name, mask_name, n, dtype):
+def test_fast_path_matches_oracle(fusion_name, mask_name, n, dtype, backend):
     qs, ks, v = make_inputs(n=n, widths=(8, 8, 4, 12), ev=6, dtype=dtype, seed=n)
     fusion = make_fusion(fusion_name, n, len(qs), dtype=dtype)
     mask, causal = make_mask(mask_name, 2, n, seed=n)
@@ -115,7 +119,7 @@ def test_fast_path_matches_oracle(fusion_name, mask_name, n, dtype):
     params = [] if isinstance(fusion, str) else list(fusion.parameters())
     inputs = qs + ks + [v] + params
     ref = decoupled_attention(qs, ks, v, backend="torch", **kw)
-    fast = decoupled_attention(qs, ks, v, backend="sdpa", **kw)
+    fast = decoupled_attention(qs, ks, v, backend=backend, **kw)
     tol = dict(atol=2e-5, rtol=2e-4) if dtype == torch.float32 else dict(atol=1e-10, rtol=1e-9)
     torch.testing.assert_close(fast, ref, **tol)
     assert torch.isfinite(fast).all()
@@ -128,7 +132,7 @@ def test_fast_path_matches_oracle(fusion_name, mask_name, n, dtype):
 
 
 @pytest.mark.parametrize("fusion_name", FUSIONS)
-@pytest.mark.parametrize("backend", ["torch", "sdpa"])
+@pytest.mark.parametrize("backend", ["torch"] + FAST)
 def test_gradcheck_float64(fusion_name, backend):
     n = 4
     qs, ks, v = make_inputs(b=2, h=1, n=n, widths=(3, 3, 2), ev=2, dtype=torch.float64, seed=3)
@@ -145,7 +149,7 @@ def test_gradcheck_float64(fusion_name, backend):
 def test_scale_is_item_head_width_and_applied_after_fusion():
     qs, ks, v = make_inputs(n=5, widths=(16, 4), ev=3, dtype=torch.float64, shared=())
     want = decoupled_attention(qs, ks, v, scale=0.25, backend="torch")
-    for backend in ("torch", "sdpa"):
+    for backend in ["torch"] + FAST:
         torch.testing.assert_close(decoupled_attention(qs, ks, v, backend=backend), want)  # 1/sqrt(16)
     # the same as one softmax over the summed, then scaled, score matrices
     s = sum(q @ k.transpose(-1, -2) for q, k in zip(qs, ks))
@@ -156,7 +160,7 @@ def test_fully_masked_rows_are_zero_with_finite_gradients():
     qs, ks, v = make_inputs(n=7, dtype=torch.float64)
     mask = torch.ones(2, 1, 7, 7, dtype=torch.bool)
     mask[0, :, 2] = False  # query row 2 of sample 0 sees nothing
-    for backend in ("torch", "sdpa"):
+    for backend in ["torch"] + FAST:
         for fusion_name in FUSIONS:
             fusion = make_fusion(fusion_name, 7, len(qs), dtype=torch.float64)
             out = decoupled_attention(qs, ks, v, mask=mask, fusion=fusion, backend=backend)
@@ -169,7 +173,7 @@ def test_fully_masked_rows_are_zero_with_finite_gradients():
 def test_dropout_is_applied_and_unbiased():
     qs, ks, v = make_inputs(b=64, h=2, n=9, dtype=torch.float64, requires_grad=False)
     clean = decoupled_attention(qs, ks, v, backend="sdpa")
-    for backend in ("torch", "sdpa"):
+    for backend in ["torch"] + FAST:
         torch.manual_seed(0)
         outs = torch.stack([decoupled_attention(qs, ks, v, dropout_p=0.3, backend=backend) for _ in range(200)])
         assert not torch.allclose(outs[0], clean)
@@ -183,7 +187,7 @@ def test_batch_independent_source_equals_expanded():
     qe = [q.expand(2, -1, -1, -1) for q in qs]
     ke = [k.expand(2, -1, -1, -1) for k in ks]
     mask, causal = make_mask("causal+padding", 2, 9)
-    for backend in ("torch", "sdpa"):
+    for backend in ["torch"] + FAST:
         a = decoupled_attention(qs, ks, v, mask=mask, is_causal=causal, backend=backend)
         b = decoupled_attention(qe, ke, v, mask=mask, is_causal=causal, backend=backend)
         torch.testing.assert_close(a, b)
