@@ -91,9 +91,10 @@ def unsupported_reasons(queries, keys, value, *, fusion="add") -> list[str]:
     return reasons
 
 
-def _fold(queries, keys, allowed_for_fold, fusion, b):
-    """-> (q (b, h, n, E), k (b, h, n, E), bias (h, n, n) or None), all contiguous."""
-    if isinstance(fusion, GateFusion) and fusion.max_len is not None:
+def _fold(queries, keys, allowed_for_fold, fusion, b, *, gate_kernel: bool = True):
+    """-> (q (b, h, n, E), k (b, h, n, E), bias (h, n, n) or None), all contiguous. ``gate_kernel=False``
+    computes the paper-exact gate with the fusion's own torch code (for other attention providers)."""
+    if gate_kernel and isinstance(fusion, GateFusion) and fusion.max_len is not None:
         from .gate_op import paper_gates
 
         g = paper_gates(list(queries), list(keys), fusion)  # (b|1, h, n, s)

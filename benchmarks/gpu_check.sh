@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One prepared GPU check for the fused Triton kernel (issue 5): kernel tests on CUDA (bf16 included),
+# the whole kernel benchmark and the DIF-SASRec training step, in under 8 minutes on an H100/H200.
+#
+#   bash benchmarks/gpu_check.sh OUT_DIR
+#
+# Writes OUT_DIR/{env.txt, tests.log, bench.log, kernels.{json,csv,png}, step.log, step/kernels.json}.
+# Each stage has its own time limit, so a slow or failing stage does not eat the others' time.
+set -u
+OUT=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR}
+cd "$(dirname "$0")/.."
+mkdir -p "$OUT"
+unset TRITON_INTERPRET
+export PYTHONUNBUFFERED=1
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,driver_version --format=csv 2>&1
+  python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+# 1. correctness on the GPU: values and gradients vs the oracle, every fusion, fp32/fp16/bf16 (~1-2 min,
+#    mostly Triton compiles)
+timeout 150 python -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py 2>&1 | tee "$OUT/tests.log" | tail -25
+
+# 2. the op table: eager / SDPA-concat / Flex / Triton, add and paper gate, 4 shapes, fwd and fwd+bwd,
+#    bf16 then fp32 (fp32 with fewer repeats)
+timeout 180 python benchmarks/kernels.py --dtypes bf16 --out "$OUT" --repeats 20 2>&1 | tee "$OUT/bench.log"
+timeout 70 python benchmarks/kernels.py --dtypes fp32 --providers eager sdpa triton --out "$OUT/fp32" \
+  --repeats 10 2>&1 | tee "$OUT/bench-fp32.log"
+
+# 3. a whole DIF-SASRec training step at the paper's Beauty size (b=2048, n=50, 4 layers, paper gate,
+#    attention dropout 0.3): eager fp32 vs sdpa vs triton (fp32, bf16 autocast)
+timeout 60 python benchmarks/kernels.py --no-kernels --step --repeats 5 --out "$OUT/step" 2>&1 | tee "$OUT/step.log"
+echo "gpu_check done: $(date -u)"
