@@ -212,22 +212,43 @@ class GateFusion(Fusion):
                 self.source_bias = nn.Parameter(torch.zeros(num_sources))
         return super().bind(num_sources)
 
+    def _mlp(self, x: Tensor) -> Tensor:
+        """``self.mlp`` run at the dtype of ``x`` (its parameters cast, the module untouched)."""
+        for layer in self.mlp:
+            if isinstance(layer, nn.Linear):
+                bias = None if layer.bias is None else layer.bias.to(x.dtype)
+                x = nn.functional.linear(x, layer.weight.to(x.dtype), bias)
+            else:
+                x = layer(x)
+        return x
+
     def _gates_from_rows(self, rows: list[Tensor]) -> Tensor:
-        energies = [self.mlp(r) for r in rows]  # each (b|1, h, n, 1)
+        energies = [self._mlp(r) for r in rows]  # each (b|1, h, n, 1)
         return torch.cat(torch.broadcast_tensors(*energies), dim=-1).softmax(-1)  # (b, h, n, s)
 
     def gates(self, queries, keys, allowed) -> Tensor:
-        """Gate weights ``(b, h, n, s)`` (rows sum to 1), from queries/keys."""
+        """Gate weights ``(b, h, n, s)`` (rows sum to 1), from queries/keys.
+
+        For float16/bfloat16 inputs the row statistics, the MLP and the softmax over sources run in
+        float32 (autocast off) and the gates are rounded once: in half precision the backward of the
+        ``q . mean(K)`` statistic otherwise loses up to ~20 ulps (found by tests/test_properties.py)."""
+        dtype = queries[0].dtype
+        if dtype in (torch.float16, torch.bfloat16):
+            with torch.autocast(queries[0].device.type, enabled=False):
+                return self._gates([q.float() for q in queries], [k.float() for k in keys], allowed).to(dtype)
+        return self._gates(queries, keys, allowed)
+
+    def _gates(self, queries, keys, allowed) -> Tensor:
         if self.max_len is None:
             m = _masked_row_mean(queries, keys, allowed)  # (b, h, n, s)
-            e = self.mlp(m.unsqueeze(-1)).squeeze(-1) + self.source_bias
+            e = self._mlp(m.unsqueeze(-1)).squeeze(-1) + self.source_bias.to(m.dtype)
             return e.softmax(-1)
         return self._gates_from_rows([q @ k.transpose(-1, -2) for q, k in zip(queries, keys)])
 
     def combine(self, scores, allowed):
         if self.max_len is None:
             m = _masked_row_mean_scores(scores, allowed)
-            g = (self.mlp(m.unsqueeze(-1)).squeeze(-1) + self.source_bias).softmax(-1)
+            g = (self._mlp(m.unsqueeze(-1)).squeeze(-1) + self.source_bias).softmax(-1)
         else:
             g = self._gates_from_rows(scores)
         out = g[..., 0:1] * scores[0]
