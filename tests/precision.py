@@ -10,10 +10,10 @@ PyTorch's own materialising implementation (the oracle, ``backend="torch"``) at 
 The ``RATIO`` term is the tolerance: it is the oracle's measured error at that precision, case by case.
 ``floor_d`` only absorbs order-of-summation noise in units of rounding (ulps) of the result: on tiny
 inputs the oracle can be exact by luck, and a fast path that sums in another order must not fail
-for a few ulps. The floors are about twice the largest need measured over 600 random cases of
+for a few ulps. The floors are about twice the largest need measured over 600-1200 random cases of
 ``test_properties.py`` (fp32: 20 ulps, on the gradient of the concat weights, a reduction over
-every score with cancellation; fp16: 3.1; bf16: 3.0). An error of a wrong formula is orders of
-magnitude above them (a fp32 floor of 40 ulps is 5e-6 at unit scale).
+every score with cancellation; fp16: 5.9; bf16: 3.5). An error of a wrong formula is orders of
+magnitude above the fp32 floor (40 ulps is 5e-6 at unit scale), and fp32 is one of the drawn dtypes.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 
 RATIO = 2.0
-FLOOR_ULPS = {torch.float64: 40.0, torch.float32: 40.0, torch.float16: 6.0, torch.bfloat16: 6.0}
+FLOOR_ULPS = {torch.float64: 40.0, torch.float32: 40.0, torch.float16: 12.0, torch.bfloat16: 8.0}
 
 
 def max_err(t: torch.Tensor, ref: torch.Tensor) -> float:

@@ -92,7 +92,9 @@ def make_fusion(case, g):
     if name == "add":
         return "add"
     cls = ConcatFusion if name.startswith("concat") else GateFusion
-    fusion = cls(max_len=n if name.endswith("-L") else None, num_sources=s).double()
+    with torch.random.fork_rng(devices=[]):  # the default init draws from the global RNG: pin it to the case
+        torch.manual_seed(int(torch.randint(0, 2 ** 31 - 1, (), generator=g)))
+        fusion = cls(max_len=n if name.endswith("-L") else None, num_sources=s).double()
     with torch.no_grad():  # move away from the near-trivial init so every parameter matters
         for p in fusion.parameters():
             p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5)
