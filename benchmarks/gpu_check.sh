@@ -21,7 +21,10 @@ cat "$OUT/env.txt"
 
 # 1. correctness on the GPU: values and gradients vs the oracle, every fusion, fp32/fp16/bf16 (~1-2 min,
 #    mostly Triton compiles)
-timeout 150 python -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py 2>&1 | tee "$OUT/tests.log" | tail -25
+#    Triton compiles each kernel configuration once (seconds each); pytest-xdist spreads them over cores.
+XDIST=""
+python -c "import xdist" 2>/dev/null && XDIST="-n 8"
+timeout 150 python -m pytest -q -p no:cacheprovider $XDIST tests/test_triton_kernel.py 2>&1 | tee "$OUT/tests.log" | tail -25
 
 # 2. the op table: eager / SDPA-concat / Flex / Triton, add and paper gate, 4 shapes, fwd and fwd+bwd,
 #    bf16 then fp32 (fp32 with fewer repeats)

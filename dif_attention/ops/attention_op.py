@@ -34,12 +34,11 @@ def _pow2(x: int, lo: int = 16) -> int:
 def pick_block(n: int, e: int, ev: int, dtype: torch.dtype) -> int:
     """Tile rows/columns: 64 at recommendation lengths (one tile covers n <= 64), smaller for tiny n
     or very wide fp32 heads (register budget)."""
-    if n <= 16:
-        return 16
-    if n <= 32:
-        return 32
     width_bytes = _pow2(max(e, ev)) * (4 if dtype == torch.float32 else 2)
-    return 32 if width_bytes > 512 else 64
+    # shared memory grows with tile x width: sm_90 cubins (compiled without a GPU) need 45-106 KiB at
+    # 64-row tiles up to 512 bytes per row, 266 KiB (over the 227 KiB limit) for fp32 512-wide at 32 rows
+    cap = 64 if width_bytes <= 512 else 32 if width_bytes <= 1024 else 16
+    return min(cap, max(16, triton.next_power_of_2(n)))
 
 
 def _mask_args(mask: Optional[Tensor], fallback: Tensor):

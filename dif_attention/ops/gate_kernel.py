@@ -19,7 +19,7 @@ import triton.language as tl
 
 @triton.jit
 def gate_energy(Q, K, W1, B1, W2, B2, Out, N,
-                E: tl.constexpr, BE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                E, BE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_H: tl.constexpr, PREC: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)

@@ -64,7 +64,7 @@ def _keep(seed, bh, N, offs_m, offs_n, p_drop):
 @triton.jit
 def attention_fwd(Q, K, V, Bias, M, Len, Seed, O, Lse,
                   smb, smh, smi, smj, H, N, qk_scale, p_drop, inv_keep,
-                  E: tl.constexpr, EV: tl.constexpr, BE: tl.constexpr, BEV: tl.constexpr,
+                  E, EV, BE: tl.constexpr, BEV: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                   HAS_LEN: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr):
     """Grid (cdiv(n, BLOCK_M), b*h): one query tile streams the key/value tiles (online softmax)."""
@@ -115,7 +115,7 @@ def attention_fwd(Q, K, V, Bias, M, Len, Seed, O, Lse,
 
 
 @triton.jit
-def attention_bwd_delta(O, DO, Delta, N, EV: tl.constexpr, BEV: tl.constexpr, BLOCK_M: tl.constexpr):
+def attention_bwd_delta(O, DO, Delta, N, EV, BEV: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta = rowsum(out * d_out): (b, h, n) fp32. Grid (cdiv(n, BLOCK_M), b*h)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -148,7 +148,7 @@ def _dlogits(q, k, v, do, lse, delta, ok, Bias, bh, H, N, offs_m, offs_n, qk_sca
 @triton.jit
 def attention_bwd_dkdv(Q, K, V, Bias, M, Len, Seed, DO, Lse, Delta, DK, DV,
                        smb, smh, smi, smj, H, N, qk_scale, scale, p_drop, inv_keep,
-                       E: tl.constexpr, EV: tl.constexpr, BE: tl.constexpr, BEV: tl.constexpr,
+                       E, EV, BE: tl.constexpr, BEV: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                        HAS_BIAS: tl.constexpr, HAS_LEN: tl.constexpr, HAS_MASK: tl.constexpr,
                        DROPOUT: tl.constexpr, PREC: tl.constexpr):
@@ -196,7 +196,7 @@ def attention_bwd_dkdv(Q, K, V, Bias, M, Len, Seed, DO, Lse, Delta, DK, DV,
 @triton.jit
 def attention_bwd_dq(Q, K, V, Bias, M, Len, Seed, DO, Lse, Delta, DQ,
                      smb, smh, smi, smj, H, N, qk_scale, scale, p_drop, inv_keep,
-                     E: tl.constexpr, EV: tl.constexpr, BE: tl.constexpr, BEV: tl.constexpr,
+                     E, EV, BE: tl.constexpr, BEV: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                      HAS_BIAS: tl.constexpr, HAS_LEN: tl.constexpr, HAS_MASK: tl.constexpr,
                      DROPOUT: tl.constexpr, PREC: tl.constexpr):
@@ -239,7 +239,7 @@ def attention_bwd_dq(Q, K, V, Bias, M, Len, Seed, DO, Lse, Delta, DQ,
 @triton.jit
 def attention_bwd_dbias(Q, K, V, Bias, M, Len, Seed, DO, Lse, Delta, DBias,
                         smb, smh, smi, smj, B, H, N, rows_per_group, qk_scale, scale, p_drop, inv_keep,
-                        E: tl.constexpr, EV: tl.constexpr, BE: tl.constexpr, BEV: tl.constexpr,
+                        E, EV, BE: tl.constexpr, BEV: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                         HAS_BIAS: tl.constexpr, HAS_LEN: tl.constexpr, HAS_MASK: tl.constexpr,
                         DROPOUT: tl.constexpr, PREC: tl.constexpr):
