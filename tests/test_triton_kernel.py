@@ -203,3 +203,24 @@ def test_bad_arguments_are_named():
         ops.triton_decoupled_attention(qs, ks, v, lengths=torch.tensor([5.0, 2.0], device=DEVICE))
     with pytest.raises(DIFError, match="block"):
         ops.triton_decoupled_attention(qs, ks, v, block=24)
+
+
+def test_custom_ops_pass_opcheck():
+    """Schema, fake (meta) implementations, autograd registration and AOT dispatch of both custom ops."""
+    from dif_attention.ops.attention_op import fused_attention
+    from dif_attention.ops.gate_op import gate_energy
+
+    g = torch.Generator().manual_seed(0)
+    b, h, n = 2, 1, 5
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(DEVICE).requires_grad_()
+
+    q, k, v, bias = rnd(b, h, n, 16), rnd(b, h, n, 16), rnd(b, h, n, 8), rnd(h, n, n)
+    mask = (torch.rand(b, 1, n, n, generator=g) > 0.3).to(DEVICE)
+    lengths = torch.tensor([5, 3], dtype=torch.int32, device=DEVICE)
+    seed = torch.tensor([7], device=DEVICE)
+    for op, args in [(fused_attention, (q, k, v, bias, mask, lengths, seed, True, 0.5, 0.2, 16)),
+                     (gate_energy, (q, k, rnd(n, n), rnd(n), rnd(n), rnd(1)))]:
+        result = torch.library.opcheck(op, args)
+        assert set(result.values()) == {"SUCCESS"}, result

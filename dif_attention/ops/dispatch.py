@@ -120,11 +120,11 @@ def _fold(queries, keys, allowed_for_fold, fusion, b, *, gate_kernel: bool = Tru
 
 def _kernel_mask(allowed: Tensor | None, is_causal: bool, n: int):
     """(mask for the kernel or None, causal flag). The kernel ANDs the flag and the mask, so passing
-    both is always exact; a 2-d mask equal to the causal one becomes the flag alone (checked in eager
-    mode only: under torch.compile the small (n, n) mask is read, avoiding a data-dependent branch)."""
+    both is always exact. A 2-d CPU mask equal to the causal one becomes the flag alone; on CUDA (and
+    under torch.compile) that check would be a host sync, so the small (n, n) mask is read from L2."""
     if allowed is None:
         return None, is_causal
-    if (allowed.ndim == 2 and is_causal and not torch.compiler.is_compiling()
+    if (allowed.ndim == 2 and is_causal and allowed.device.type == "cpu" and not torch.compiler.is_compiling()
             and bool(torch.equal(allowed, torch.ones_like(allowed).tril()))):
         return None, True
     m = allowed.reshape((1,) * (4 - allowed.ndim) + tuple(allowed.shape))
