@@ -50,14 +50,19 @@ def test_dif_bert_mask_has_padding_attributes():
 def test_two_epoch_smoke_and_learning(name):
     ds = synthetic()
     bert = "BERT" in name
-    cfg = TrainConfig(**TINY, epochs=2 if not bert else 2, lr=1e-2, lamb=1.0, patience=5)
+    cfg = TrainConfig(**TINY, epochs=2, lr=1e-2, lamb=1.0, patience=5)
     r = run(ds, name, cfg)
     assert r["epochs"] == 2 and len(r["history"]) == 2
     assert all(0.0 <= v <= 1.0 for v in r["test"].values())
     assert r["test"]["Recall@20"] >= r["test"]["Recall@10"]
-    if not bert:  # the walk is learnable: far above the random Recall@10 of 10/30
-        cfg = TrainConfig(**{**TINY, "dropout": 0.0, "attn_dropout": 0.0}, epochs=25, lr=1e-2, lamb=1.0, patience=25)
-        assert run(ds, name, cfg)["test"]["Recall@10"] > 0.8
+
+
+@pytest.mark.parametrize("name", ["SASRec", "DIFSASRec"])
+def test_models_learn_the_walk(name):
+    """The next item is a function of the last one: far above the random Recall@10 of 10/30."""
+    ds = synthetic()
+    cfg = TrainConfig(**{**TINY, "dropout": 0.0, "attn_dropout": 0.0}, epochs=12, lr=2e-2, lamb=1.0, patience=12)
+    assert run(ds, name, cfg)["test"]["Recall@10"] > 0.8
 
 
 def test_prefix_mode_and_resume(tmp_path):
@@ -79,10 +84,10 @@ def test_entry_scripts_on_user_files(tmp_path, capsys):
     common = ["--dataset", str(txt), "--epochs", "2", "--dim", "16", "--attr-dim", "8", "--max-len", "12",
               "--layers", "1", "--batch-size", "16", "--out-dir", str(tmp_path / "runs"), "--progress", "false",
               "--seeds", "0,1"]
-    res = sasrec.main(common + ["--results", str(tmp_path / "s")])
-    assert {r["model"] for r in res} == set(sasrec.MODELS) and len(res) == 8
+    res = sasrec.main(common + ["--results", str(tmp_path / "s"), "--models", "SASRec,NOVA"])
+    assert [r["model"] for r in res] == ["SASRec", "NOVA"] * 2
     md = (tmp_path / "s.md").read_text()
-    assert all(f"| {m} | 2 |" in md for m in sasrec.MODELS) and "±" in md
+    assert all(f"| {m} | 2 |" in md for m in ("SASRec", "NOVA")) and "±" in md
     assert json.loads((tmp_path / "s.json").read_text())["results"][0]["dataset"] == "toy"
     res = bert4rec.main(common + ["--results", str(tmp_path / "b"), "--seeds", "0"])
     assert [r["model"] for r in res] == bert4rec.MODELS
