@@ -67,12 +67,12 @@ def config_from_args(args) -> TrainConfig:
     return cfg
 
 
-def table(results: list[dict], models: list[str]) -> str:
-    """Markdown table, one row per model, mean ± std over seeds (std over >= 2 seeds, sample std)."""
-    lines = ["| model | seeds | " + " | ".join(METRICS) + " | s/epoch | epochs (best) |",
+def table(results: list[dict], models: list[str], key: str = "model") -> str:
+    """Markdown table, one row per model (or per ``key``), mean ± std over seeds (sample std)."""
+    lines = [f"| {key} | seeds | " + " | ".join(METRICS) + " | s/epoch | epochs (best) |",
              "|---|---|" + "---|" * len(METRICS) + "---|---|"]
     for name in models:
-        rs = [r for r in results if r["model"] == name]
+        rs = [r for r in results if r[key] == name]
         if not rs:
             continue
         cells = []

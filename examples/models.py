@@ -111,13 +111,18 @@ class SASRecF(SASRec):
     """Early fusion (RecBole SASRecF): ``Linear([E_item, f_1, ..., f_F]) + E_pos`` with each attribute embedded
     at ``dim`` (sum-pooled), then the stock encoder -- one fused stream."""
 
-    def __init__(self, *, tables: dict, num_classes: dict, attr_dim: int | None = None, pooling: str = "sum",
-                 trainable_attributes: bool = True, **kw):
+    def __init__(self, *, tables: dict, num_classes: dict, pooling: str = "sum", trainable_attributes: bool = True,
+                 aap: bool = False, **kw):
         super().__init__(**kw)
         self.attr_emb = AttributeEmbedding(num_classes, self.dim, pooling=pooling, item_tables=tables,
                                            trainable=trainable_attributes)
         self.fuse = nn.Linear(self.dim * (1 + len(num_classes)), self.dim)
+        self.has_aap = aap  # with AAP: the paper's "w/o DIF" ablation (early fusion + attribute predictors)
+        self.predictor = AttributePredictor(self.dim, num_classes) if aap else None
         init_weights(self)
+
+    def attribute_logits(self, h: Tensor):
+        return self.predictor(h) if self.predictor is not None else None
 
     def embed(self, ids: Tensor) -> Tensor:
         feats = list(self.attr_emb(items=ids).values())
@@ -259,6 +264,8 @@ def build_model(name: str, dataset_info: dict, **hparams) -> SequenceModel:
     if name not in ("DIFSASRec", "DIFBERT4Rec"):
         for key in DIF_KEYS:
             hp.pop(key, None)
+    if name != "SASRecF":
+        hp.pop("aap", None)
     if name in ATTRIBUTE_MODELS:
         if not dataset_info.get("num_classes"):
             raise ValueError(f"model {name}: needs item attributes, the dataset has none")
@@ -266,6 +273,4 @@ def build_model(name: str, dataset_info: dict, **hparams) -> SequenceModel:
     else:
         hp.pop("pooling", None)
         hp.pop("trainable_attributes", None)
-    if name == "SASRecF" or name == "NOVA":
-        hp.pop("attr_dim", None)
     return MODELS[name](num_items=dataset_info["num_items"], **hp)

@@ -67,6 +67,7 @@ class TrainConfig:
     trainable_attributes: bool = True
     attr_init_std: float = 0.02
     lamb: float = 10.0
+    aap: bool = False  # SASRecF only: add the attribute predictors (the paper's "w/o DIF" ablation)
     lr: float = 1e-3
     weight_decay: float = 0.0
     batch_size: int = 256
@@ -92,7 +93,7 @@ class TrainConfig:
         return dict(dim=self.dim, layers=self.layers, heads=self.heads, attr_dim=self.attr_dim,
                     max_len=self.max_len, dropout=self.dropout, attn_dropout=self.attn_dropout,
                     fusion=self.fusion, pooling=self.pooling, trainable_attributes=self.trainable_attributes,
-                    attr_init_std=self.attr_init_std, backend=self.backend)
+                    attr_init_std=self.attr_init_std, backend=self.backend, aap=self.aap)
 
 
 # ---------------------------------------------------------------------------------------------- distributed
@@ -285,7 +286,7 @@ def run(dataset, model_name: str, cfg: TrainConfig) -> dict:
     core = build_model(model_name, dataset.info, **cfg.model_kwargs())
     model = core
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(core)
+        model = torch.nn.parallel.DistributedDataParallel(core, find_unused_parameters=core.has_aap and not cfg.lamb)
     opt = torch.optim.Adam(core.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     inputs, targets = training_arrays(dataset, core, cfg)
     valid = dataset.split("valid", cfg.max_len)

@@ -92,3 +92,16 @@ def test_entry_scripts_on_user_files(tmp_path, capsys):
     res = bert4rec.main(common + ["--results", str(tmp_path / "b"), "--seeds", "0"])
     assert [r["model"] for r in res] == bert4rec.MODELS
     assert "| DIFBERT4Rec | 1 |" in capsys.readouterr().out
+
+
+def test_ablation_runner(tmp_path):
+    from examples import ablation
+    txt = write_s3rec(tmp_path)
+    res = ablation.main(["--dataset", str(txt), "--epochs", "1", "--dim", "16", "--attr-dim", "8", "--max-len",
+                         "12", "--layers", "1", "--batch-size", "32", "--out-dir", str(tmp_path / "runs"),
+                         "--progress", "false", "--log", "false", "--results", str(tmp_path / "a"),
+                         "--variants", "wo_aap,wo_dif,fusion_gate_exact,frozen_tables"])
+    assert [r["variant"] for r in res] == ["wo_aap", "wo_dif", "fusion_gate_exact", "frozen_tables"]
+    assert (tmp_path / "runs" / "toy" / "SASRecF-wo_dif" / "seed0" / "result.json").exists()
+    md = (tmp_path / "a.md").read_text()
+    assert "| wo_dif | 1 |" in md and "frozen" in md
