@@ -3,12 +3,17 @@
     python benchmarks/visualize.py                        # trained DIF-SASRec on ML-100K, one user, head 0
     python benchmarks/visualize.py --dataset beauty --length 15 --head 1
     python benchmarks/visualize.py --init                 # the same model at initialisation (no training)
-    python benchmarks/visualize.py --raw                  # raw scores instead of attention weights
+    python benchmarks/visualize.py --show attention       # softmax weights instead of centred logits
 
 Rows: layers. Columns: the decoupled maps of the item, position and each attribute, then the fused map.
-By default every decoupled map is shown as the attention it would give alone, ``softmax(S_s / sqrt(d_h))``
-under the model's causal mask, and the fused column is the model's actual attention
-``softmax(fuse(S) / sqrt(d_h))``; ``--raw`` shows the raw scores ``S_s`` and ``fuse(S)`` (masked cells blank).
+``--show`` picks what is drawn of every map ``S`` (``S_s`` per source, ``fuse(S)`` for the fused column), always
+restricted to the causal (allowed) cells, the others blank:
+
+* ``logits`` (default): ``S / sqrt(d_h)`` minus its mean over each row's allowed keys -- exactly what the
+  softmax responds to (it is shift-invariant per row), on a diverging scale centred at 0;
+* ``attention``: ``softmax(S / sqrt(d_h))`` -- for a source, the attention it would give alone; for the fused
+  column, the model's actual attention (rows dominated by 1/i under a causal mask);
+* ``raw``: the raw scores ``S``.
 The model and its checkpoint are the ones of ``benchmarks/rank.py`` (same flags; trained if absent).
 """
 from __future__ import annotations
@@ -26,13 +31,16 @@ for p in (ROOT, Path(__file__).resolve().parent):
         sys.path.insert(0, str(p))
 
 
+SHOW = ("logits", "attention", "raw")
+
+
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="ml-100k")
     p.add_argument("--user", type=int, default=0, help="index among the users with at least --length test items")
     p.add_argument("--length", type=int, default=20, help="positions shown (the most recent items)")
     p.add_argument("--head", type=int, default=0)
-    p.add_argument("--raw", action="store_true", help="raw scores instead of attention weights")
+    p.add_argument("--show", choices=SHOW, default="logits", help="logits (centred), attention or raw")
     p.add_argument("--init", action="store_true", help="the model at initialisation, no checkpoint")
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--heads", type=int, default=4)
@@ -47,11 +55,12 @@ def parse(argv=None):
     p.add_argument("--out", type=Path, default=None, help="PNG path (default docs/img/attention_<dataset>.png)")
     args = p.parse_args(argv)
     if args.out is None:
-        args.out = ROOT / "docs" / "img" / f"attention_{args.dataset}{'_init' if args.init else ''}.png"
+        suffix = ("_init" if args.init else "") + ("" if args.show == "logits" else f"_{args.show}")
+        args.out = ROOT / "docs" / "img" / f"attention_{args.dataset}{suffix}.png"
     return args
 
 
-def panels(maps: list[dict], length: int, head: int, dim_head: int, raw: bool) -> list[dict[str, torch.Tensor]]:
+def panels(maps: list[dict], length: int, head: int, dim_head: int, show: str) -> list[dict[str, torch.Tensor]]:
     """Per layer: source name -> ``(length, length)`` matrix to draw (NaN where the causal mask forbids)."""
     allowed = torch.ones(length, length, dtype=torch.bool).tril()
     out = []
@@ -61,16 +70,20 @@ def panels(maps: list[dict], length: int, head: int, dim_head: int, raw: bool) -
             if name == "probs":
                 continue
             m = s[0, head, :length, :length].double()
-            if not raw:
-                m = (m / math.sqrt(dim_head)).masked_fill(~allowed, float("-inf")).softmax(-1)
+            if show != "raw":
+                m = m / math.sqrt(dim_head)
+            if show == "attention":
+                m = m.masked_fill(~allowed, float("-inf")).softmax(-1)
+            elif show == "logits":
+                m = m - (m * allowed).sum(-1, keepdim=True) / allowed.sum(-1, keepdim=True)
             row[name] = m.masked_fill(~allowed, float("nan"))
         fused = row.pop("fused")
-        row["fused" if raw else "fused (model attention)"] = fused
+        row["fused (model attention)" if show == "attention" else "fused"] = fused
         out.append(row)
     return out
 
 
-def draw(rows: list[dict[str, torch.Tensor]], path: Path, title: str, raw: bool) -> None:
+def draw(rows: list[dict[str, torch.Tensor]], path: Path, title: str, show: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -80,7 +93,12 @@ def draw(rows: list[dict[str, torch.Tensor]], path: Path, title: str, raw: bool)
     for i, row in enumerate(rows):
         for j, name in enumerate(cols):
             ax = axes[i][j]
-            im = ax.imshow(row[name].numpy(), cmap="viridis", vmin=None if raw else 0.0)
+            m = row[name].numpy()
+            if show == "attention":
+                im = ax.imshow(m, cmap="viridis", vmin=0.0)
+            else:
+                lim = float(row[name].nan_to_num().abs().max()) or 1.0
+                im = ax.imshow(m, cmap="RdBu_r", vmin=-lim, vmax=lim)
             ax.set_title(f"layer {i + 1}: {name}", fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
@@ -118,11 +136,12 @@ def main(argv=None, dataset=None) -> Path:
     seq = ids[u][ids[u] != 0][-args.length:][None]  # (1, length) the most recent items
     with torch.no_grad():
         _, maps = model.double()(seq, return_scores=True)
-    rows = panels(maps, args.length, args.head, args.dim // args.heads, args.raw)
-    what = "raw scores" if args.raw else "attention weights (each source alone; fused = the model's)"
+    rows = panels(maps, args.length, args.head, args.dim // args.heads, args.show)
+    what = {"logits": "row-centred logits S/sqrt(d_h)", "raw": "raw scores S",
+            "attention": "attention weights (each source alone; fused = the model's)"}[args.show]
     state = "at initialisation" if args.init else "trained"
     draw(rows, args.out, f"DIF-SASRec ({state}) on {dataset.name}, test user #{u}, last {args.length} items, "
-                         f"head {args.head}: {what}", args.raw)
+                         f"head {args.head}: {what}", args.show)
     print(f"wrote {args.out}")
     return args.out
 

@@ -83,10 +83,15 @@ def test_panels_are_attention_rows_or_raw_scores():
     torch.manual_seed(0)
     maps = [{"item": torch.randn(1, 2, 6, 6), "cat": torch.randn(1, 2, 6, 6), "fused": torch.randn(1, 2, 6, 6),
              "probs": torch.rand(1, 2, 6, 6)}]
-    rows = visualize.panels(maps, 5, head=1, dim_head=4, raw=False)
+    rows = visualize.panels(maps, 5, head=1, dim_head=4, show="attention")
     assert list(rows[0]) == ["item", "cat", "fused (model attention)"]
     for m in rows[0].values():
         assert m.shape == (5, 5) and torch.isnan(m.triu(1)).sum() == 10
         torch.testing.assert_close(m.nan_to_num().sum(-1), torch.ones(5, dtype=torch.float64))
-    raw = visualize.panels(maps, 5, head=1, dim_head=4, raw=True)[0]
+    raw = visualize.panels(maps, 5, head=1, dim_head=4, show="raw")[0]
     torch.testing.assert_close(raw["item"].tril(), maps[0]["item"][0, 1, :5, :5].double().tril())
+    logits = visualize.panels(maps, 5, head=1, dim_head=4, show="logits")[0]
+    assert list(logits) == ["item", "cat", "fused"]
+    for name in ("item", "cat"):  # centring keeps the softmax: same attention as show="attention"
+        torch.testing.assert_close(logits[name].nan_to_num(float("-inf")).softmax(-1), rows[0][name].nan_to_num())
+        torch.testing.assert_close(logits[name].nan_to_num().sum(-1), torch.zeros(5, dtype=torch.float64))
