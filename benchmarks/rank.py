@@ -138,19 +138,36 @@ class RankModel(nn.Module):
 
 def measure(forward, ids, lengths, widths, batch: int = 64) -> dict:
     """Rank summary of ``forward(ids) -> (hidden, per-layer maps)`` over all samples, with Theorem 4.1's bound."""
-    num, loose, eff = [], [], []
+    num, loose, eff, per_source = [], [], [], {}
     with torch.no_grad():
         for s in range(0, len(ids), batch):
             _, maps = forward(ids[s:s + batch])
-            num.append(layer_ranks(maps, lengths[s:s + batch]))
-            loose.append(layer_ranks(maps, lengths[s:s + batch], rtol=LOOSE_RTOL))
-            eff.append(layer_ranks(maps, lengths[s:s + batch], measure="effective"))
+            ln = lengths[s:s + batch]
+            num.append(layer_ranks(maps, ln))
+            loose.append(layer_ranks(maps, ln, rtol=LOOSE_RTOL))
+            eff.append(layer_ranks(maps, ln, measure="effective"))
+            for name in maps[0]:
+                if name != "probs":
+                    per_source.setdefault(name, []).append((layer_ranks(maps, ln, key=name),
+                                                            valid_norms(maps, ln, name)))
     num, loose, eff = torch.cat(num, 1), torch.cat(loose, 1), torch.cat(eff, 1)
     out = summarize(num)
+    if len(per_source) > 1:  # decoupled: each source's own rank and size (Frobenius norm of its valid block)
+        out["sources"] = {name: {"rank": float(torch.cat([r for r, _ in v], 1).mean()),
+                                 "norm": float(torch.cat([f for _, f in v], 1).mean())}
+                          for name, v in per_source.items()}
     out.update(bound=float(rank_bound(lengths, widths).mean()), effective=float(eff.mean()),
                loose=float(loose.mean()), loose_per_layer=summarize(loose)["per_layer"],
                mean_length=float(lengths.double().mean()), samples=len(ids), widths=list(widths))
     return out
+
+
+def valid_norms(maps, lengths, key: str) -> torch.Tensor:
+    """Frobenius norm of each valid ``[:L, :L]`` block of ``maps[l][key]``: ``(l, b, h)``."""
+    n = maps[0][key].shape[-1]
+    valid = torch.arange(n)[None, :] < lengths[:, None]  # (b, n)
+    block = (valid[:, :, None] & valid[:, None, :])[:, None]  # (b, 1, n, n)
+    return torch.stack([(m[key].double() * block).flatten(-2).norm(dim=-1) for m in maps])
 
 
 def run_init(args, settings) -> list[dict]:
@@ -174,6 +191,16 @@ def table(rows) -> str:
         per = " / ".join(f"{v:.1f}" for v in r["per_layer"])
         lines.append(f"| {r['setting']} | {r['model']} | {r['mean']:.2f} | {r['bound']:.1f} | {per} | "
                      f"{r['loose']:.2f} | {r['effective']:.2f} | {r['mean_length']:.1f} |")
+    return "\n".join(lines)
+
+
+def source_table(rows) -> str:
+    """DIF rows only: rank and mean Frobenius norm of each source's score block, and of the fused block."""
+    lines = ["| setting | source | mean rank | mean norm of the score block | norm / item norm |", "|---|---|---|---|---|"]
+    for r in rows:
+        for name, v in r.get("sources", {}).items():
+            ratio = v["norm"] / r["sources"]["item"]["norm"] if r["sources"]["item"]["norm"] else float("nan")
+            lines.append(f"| {r['setting']} | {name} | {v['rank']:.2f} | {v['norm']:.3g} | {ratio:.3g} |")
     return "\n".join(lines)
 
 
@@ -264,7 +291,7 @@ def main(argv=None) -> list[dict]:
         rows += run_trained(args, measure)
     title = (f"d={args.dim}, heads={args.heads} (d_h={d_h}), n={args.n}, {args.layers} layers; "
              f"dashes: Theorem 4.1 bound")
-    text = table(rows)
+    text = table(rows) + "\n\nDIF, per source:\n\n" + source_table(rows)
     verdict = ordering(rows)
     print(text)
     print("\n".join(verdict))

@@ -25,6 +25,10 @@ def test_rank_benchmark_at_init_end_to_end(tmp_path):
         assert by[kind]["per_layer"] == [8.0, 8.0] and by[kind]["bound"] == 8.0 and by[kind]["widths"] == [8]
     assert by["DIF"]["per_layer"] == [20.0, 20.0] and by["DIF"]["bound"] == 20.0
     assert by["DIF"]["widths"] == [8, 8, 4, 4]
+    src = by["DIF"]["sources"]
+    assert list(src) == ["item", "position", "cat", "brand", "fused"] and "sources" not in by["NOVA"]
+    assert src["position"]["rank"] == 8.0 and src["cat"]["rank"] == 4.0 and src["fused"]["rank"] == 20.0
+    assert src["item"]["norm"] > 0 and src["fused"]["norm"] > 0
     assert (tmp_path / "img" / "rank.png").stat().st_size > 10_000
     saved = json.loads((tmp_path / "rank.json").read_text())
     assert saved["ordering"] == ["init: random sequences: DIF 20.00 > NOVA 8.00 >= SASRecF 8.00 -> holds"]
@@ -95,3 +99,12 @@ def test_panels_are_attention_rows_or_raw_scores():
     for name in ("item", "cat"):  # centring keeps the softmax: same attention as show="attention"
         torch.testing.assert_close(logits[name].nan_to_num(float("-inf")).softmax(-1), rows[0][name].nan_to_num())
         torch.testing.assert_close(logits[name].nan_to_num().sum(-1), torch.zeros(5, dtype=torch.float64))
+
+
+def test_valid_norms_use_the_valid_block_only():
+    torch.manual_seed(0)
+    s = torch.randn(2, 3, 6, 6)
+    norms = rank.valid_norms([{"x": s}], torch.tensor([6, 4]), "x")
+    assert norms.shape == (1, 2, 3)
+    torch.testing.assert_close(norms[0, 1], s[1, :, :4, :4].double().flatten(-2).norm(dim=-1))
+    torch.testing.assert_close(norms[0, 0], s[0].double().flatten(-2).norm(dim=-1))
