@@ -27,6 +27,7 @@ def test_rank_benchmark_at_init_end_to_end(tmp_path):
     assert by["DIF"]["widths"] == [8, 8, 4, 4]
     src = by["DIF"]["sources"]
     assert list(src) == ["item", "position", "cat", "brand", "fused"] and "sources" not in by["NOVA"]
+    assert "sources" not in by["SASRecF"]
     assert src["position"]["rank"] == 8.0 and src["cat"]["rank"] == 4.0 and src["fused"]["rank"] == 20.0
     assert src["item"]["norm"] > 0 and src["fused"]["norm"] > 0
     assert (tmp_path / "img" / "rank.png").stat().st_size > 10_000
