@@ -23,7 +23,7 @@ _TORCH = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def _signature(fn, pointers: dict, constexprs: dict) -> dict:
-    ints = {"smb", "smh", "smi", "smj", "H", "N", "B", "rows_per_group", "E", "EV"}
+    ints = {"smb", "smh", "smi", "smj", "H", "N", "B", "BH", "rows_per_group", "E", "EV"}
     floats = {"qk_scale", "scale", "p_drop", "inv_keep"}
     sig = {}
     for name in fn.arg_names:
@@ -54,7 +54,8 @@ def compile_case(dtype: str, e: int, ev: int, arch: int, smem_limit: int) -> lis
     pw = lambda x: max(16, triton.next_power_of_2(x))  # noqa: E731
     ptrs = {n: f"*{dtype}" for n in ["Q", "K", "V", "Bias", "O", "DO", "DK", "DV", "DQ"]}
     ptrs.update(M="*u8", Len="*i32", Seed="*i64", Lse="*fp32", Delta="*fp32", DBias="*fp32", W1="*fp32",
-                B1="*fp32", W2="*fp32", B2="*fp32", Out="*fp32")
+                B1="*fp32", W2="*fp32", B2="*fp32", Out="*fp32", DE="*fp32", DW1="*fp32", DB1="*fp32",
+                DW2="*fp32")
     flags = dict(BE=pw(e), BEV=pw(ev), BLOCK_M=blk, BLOCK_N=blk, CAUSAL=True, HAS_BIAS=True, HAS_LEN=True,
                  HAS_MASK=True, DROPOUT=True, PREC="ieee" if dtype == "fp32" else "tf32")
     jobs = [(f, flags) for f in (kernels.attention_fwd, kernels.attention_bwd_dkdv, kernels.attention_bwd_dq,
@@ -62,10 +63,13 @@ def compile_case(dtype: str, e: int, ev: int, arch: int, smem_limit: int) -> lis
     jobs.append((kernels.attention_bwd_delta, dict(BEV=pw(ev), BLOCK_M=blk)))
     jobs.append((gate_kernel.gate_energy, dict(BE=pw(e), BLOCK_M=32, BLOCK_N=64, BLOCK_H=64,
                                                PREC=flags["PREC"])))
+    jobs.append((gate_kernel.gate_energy_bwd, dict(BE=pw(min(e, 128)), BL=64, PREC=flags["PREC"])))
+    fp32_grads = {**ptrs, "DQ": "*fp32", "DK": "*fp32"}  # the energy backward writes fp32 dq/dk
     out = []
     for fn, cx in jobs:
         cx = {k: v for k, v in cx.items() if k in fn.arg_names}
-        src = ASTSource(fn, _signature(fn, ptrs, cx), {(fn.arg_names.index(k),): v for k, v in cx.items()})
+        sig = _signature(fn, fp32_grads if fn is gate_kernel.gate_energy_bwd else ptrs, cx)
+        src = ASTSource(fn, sig, {(fn.arg_names.index(k),): v for k, v in cx.items()})
         t0 = time.time()
         compiled = triton.compile(src, target=target, options=dict(num_warps=4, num_stages=2))
         smem = compiled.metadata.shared

@@ -1,9 +1,10 @@
 """Paper-exact gate weights (``GateFusion(max_len=L)``) with a fused energy forward.
 
 ``gate_energy(q, k, w1, b1, w2, b2)`` is a ``torch.library.custom_op``: the forward runs
-:func:`dif_attention.ops.gate_kernel.gate_energy` and writes only ``(b|1, h, n)`` numbers; the
-backward recomputes the score rows with torch ops (it materialises ``(b|1, h, n, n)`` per source,
-once, in the backward only).
+:func:`dif_attention.ops.gate_kernel.gate_energy` and writes only ``(b|1, h, n)`` numbers. The
+backward is fused too for ``n <= 64`` (every paper configuration: n = 7, 10, 50), writing only
+``dq``, ``dk`` and the small weight gradients; for longer rows it recomputes the score rows with torch
+ops (materialising ``(b|1, h, n, n)`` per source, once, in the backward only).
 
 Shapes::
 
@@ -44,8 +45,50 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
+#: the fused energy backward holds one (b, h) row set in a tile: n <= 64, per-source width <= 128
+FUSED_BWD_MAX_N, FUSED_BWD_MAX_E = 64, 128
+
+
+@torch.library.custom_op("dif_attention::gate_energy_backward", mutates_args=())
+def gate_energy_backward(grad: Tensor, q: Tensor, k: Tensor, w1: Tensor, b1: Tensor,
+                         w2: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dw1, db1, dw2), all fp32, from the fused kernel (n <= 64)."""
+    bb, h, n, e = q.shape
+    bh = bb * h
+    groups = max(1, min(bh, 1024))
+    rows = triton.cdiv(bh, groups)
+    groups = triton.cdiv(bh, rows)
+    dq = torch.empty(bb, h, n, e, device=q.device, dtype=torch.float32)
+    dk = torch.empty_like(dq)
+    dw1 = torch.empty(groups, n, n, device=q.device, dtype=torch.float32)
+    db1 = torch.empty(groups, n, device=q.device, dtype=torch.float32)
+    dw2 = torch.empty_like(db1)
+    gate_kernel.gate_energy_bwd[(groups,)](
+        q, k, w1, b1, w2, grad.contiguous(), dq, dk, dw1, db1, dw2, bh, n, rows, e,
+        BE=max(16, triton.next_power_of_2(e)), BL=max(16, triton.next_power_of_2(n)),
+        PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)
+    return dq, dk, dw1.sum(0), db1.sum(0), dw2.sum(0)
+
+
+@gate_energy_backward.register_fake
+def _gate_energy_backward_fake(grad, q, k, w1, b1, w2):
+    f32 = dict(dtype=torch.float32)
+    return (q.new_empty(q.shape, **f32), k.new_empty(k.shape, **f32), w1.new_empty(w1.shape, **f32),
+            b1.new_empty(b1.shape, **f32), w2.new_empty(w2.shape, **f32))
+
+
 def _backward(ctx, grad):
     q, k, w1, b1, w2, b2 = ctx.saved_tensors
+    n, e = q.shape[-2], q.shape[-1]
+    db2 = grad.float().sum().reshape(1).to(b2.dtype)
+    if n <= FUSED_BWD_MAX_N and e <= FUSED_BWD_MAX_E:
+        dq, dk, dw1, db1, dw2 = gate_energy_backward(grad, q, k, w1, b1, w2)
+        return (dq.to(q.dtype), dk.to(k.dtype), dw1.to(w1.dtype), db1.to(b1.dtype), dw2.to(w2.dtype), db2)
+    return _backward_torch(q, k, w1, b1, w2, b2, grad)
+
+
+def _backward_torch(q, k, w1, b1, w2, b2, grad):
+    """Reference backward with torch ops (materialises (b|1, h, n, n) per source); used for n > 64."""
     qf, kf, w1f, w2f = q.float(), k.float(), w1.float(), w2.float()
     s = qf @ kf.transpose(-1, -2)  # (bb, h, n, n)
     pre = s @ w1f.t() + b1.float()  # (bb, h, n, hidden)
