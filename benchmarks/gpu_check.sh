@@ -8,8 +8,9 @@
 # Each stage has its own time limit, so a slow or failing stage does not eat the others' time.
 set -u
 OUT=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR}
-cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)  # absolute: the script moves to the repository root
+cd "$(dirname "$0")/.."
 unset TRITON_INTERPRET
 export PYTHONUNBUFFERED=1
 {
