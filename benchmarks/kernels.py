@@ -20,7 +20,9 @@ Fusions: add, gate (the paper-exact gate, GateFusion(max_len=n)), gate-any (the 
 Columns: ms (median of --repeats), GB/s = the bytes a fused kernel must move (q, k, v, out [+ lse], and
 for fwd+bwd also d_out, dq, dk, dv) / time -- the same byte count for every provider, so it reads as an
 effective bandwidth --, %HBM = GB/s over --peak-gbs (H200: 4800), TFLOP/s over the full n x n square
-(2 n^2 (E + Ev) forward, 2 n^2 (3E + 2Ev) more backward), peak = extra CUDA memory of one call (MiB).
+(2 n^2 (E + Ev) forward, 2 n^2 (3E + 2Ev) more backward), peak = extra CUDA memory of one call (MiB),
+maxdiff = largest |output - first provider's output| over valid query rows (fwd rows, no dropout), a
+sanity check that every provider computes the same attention.
 Writes <out>/kernels.json, kernels.csv and kernels.png.
 """
 from __future__ import annotations
@@ -96,8 +98,8 @@ def provider_fn(name, qs, ks, v, lengths, fusion, dropout, n):
         except ImportError as err:
             return f"import failed: {err}"
         reasons = ops.unsupported_reasons(qs, ks, v, fusion=fusion)
-        if v.device.type == "cpu":
-            reasons = reasons or ["CPU: the Triton interpreter is for tests only"]
+        if v.device.type == "cpu" and not _INTERPRET_OK:
+            reasons = reasons or ["CPU: the Triton interpreter is for tests only (--interpret to run it anyway)"]
         if reasons:
             return "; ".join(reasons)
         return lambda: ops.triton_decoupled_attention(qs, ks, v, lengths=lengths, is_causal=True, **kw)
@@ -107,6 +109,7 @@ def provider_fn(name, qs, ks, v, lengths, fusion, dropout, n):
 
 
 _FLEX = {}
+_INTERPRET_OK = False  # set by --interpret
 
 
 def flex_fn(qs, ks, v, lengths, fusion, dropout, n):
@@ -200,6 +203,8 @@ def run_kernels(args, device):
                         fusion = fusion.to(dtype)
                     leaves = qs + ks + [v] + (list(fusion.parameters()) if isinstance(fusion, torch.nn.Module) else [])
                     nbytes, flops = model_bytes_flops(b, h, n, dtype, mode)
+                    valid = (torch.arange(n, device=device)[None, :] < lengths[:, None])[:, None, :, None]
+                    ref = None
                     for prov in args.providers:
                         row = dict(dtype=dtype_name, b=b, h=h, n=n, fusion=fusion_name, mode=mode, provider=prov)
                         fn = provider_fn(prov, qs, ks, v, lengths, fusion, args.dropout, n)
@@ -209,6 +214,11 @@ def run_kernels(args, device):
                             row["skipped"] = fn
                         else:
                             try:
+                                if args.dropout == 0 and mode == "fwd":  # each provider checked vs the first
+                                    with torch.no_grad():
+                                        out = fn().float().masked_fill(~valid, 0)  # valid query rows only
+                                    ref = out if ref is None else ref
+                                    row["maxdiff"] = (out - ref).abs().max().item()
                                 ms, peak = bench_one(fn, leaves, mode, device, args.repeats, args.warmup)
                             except Exception as err:  # a provider failing must not hide the others
                                 row["skipped"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
@@ -229,7 +239,8 @@ def format_row(r):
         return f"{head} skipped: {r['skipped']}"
     hbm = f"{100 * r['hbm']:5.1f}%" if r.get("hbm") is not None else "    -"
     peak = f"{r['peak_mib']:8.1f} MiB" if r.get("peak_mib") is not None else "       - MiB"
-    return f"{head} {r['ms']:9.3f} ms {r['gbs']:8.2f} GB/s {hbm} HBM {r['tflops']:7.3f} TFLOP/s {peak}"
+    diff = f"  maxdiff {r['maxdiff']:.1e}" if r.get("maxdiff") is not None else ""
+    return f"{head} {r['ms']:9.3f} ms {r['gbs']:8.2f} GB/s {hbm} HBM {r['tflops']:7.3f} TFLOP/s {peak}{diff}"
 
 
 def step_bench(args, device):
@@ -345,7 +356,13 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (on a shared machine 1 avoids OpenMP oversubscription)")
     p.add_argument("--out", default="kernels-bench", help="output folder")
+    p.add_argument("--interpret", action="store_true",
+                   help="CPU: also run the Triton provider in the interpreter (slow; tiny shapes only)")
     args = p.parse_args(argv)
+    global _INTERPRET_OK
+    _INTERPRET_OK = args.interpret
+    if args.interpret:
+        os.environ["TRITON_INTERPRET"] = "1"  # before dif_attention.ops decorates its kernels
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     args.dtypes = args.dtypes or (["bf16", "fp32"] if cuda else ["fp32"])
@@ -376,7 +393,7 @@ def main(argv=None):
         json.dump(result, fh, indent=1)
     if rows:
         keys = ["dtype", "b", "h", "n", "fusion", "mode", "provider", "ms", "gbs", "hbm", "tflops", "peak_mib",
-                "skipped"]
+                "maxdiff", "skipped"]
         with open(os.path.join(args.out, "kernels.csv"), "w", newline="") as fh:
             w = csv.DictWriter(fh, keys)
             w.writeheader()
