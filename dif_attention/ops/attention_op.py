@@ -4,7 +4,8 @@ fake implementations, so ``torch.compile`` traces through it) and the autograd f
 Shapes (see :mod:`dif_attention.ops.kernels`)::
 
     q, k : (b, h, n, e)   contiguous, same dtype as v
-    v    : (b, h, n, ev)  contiguous
+    v    : (b, h, n, ev)  dense with a unit last stride, dims in any order (a head split needs no copy);
+                          out and dv are allocated in v's layout
     bias : (h, n, n)      or None: batch-independent raw-score table (gets a gradient)
     mask : bool, 4-d, broadcastable to (b, h, n, n), or None
     lengths : (b,) int32  or None: positions >= lengths[b] are padding
@@ -50,6 +51,11 @@ def _mask_args(mask: Optional[Tensor], fallback: Tensor):
     return (m, *strides)
 
 
+def _vstrides(t: Tensor):
+    """(stride_b, stride_h, stride_n) of a (b, h, n, e) tensor whose last stride is 1."""
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
 def _common(q, k, v, bias, mask, lengths, seed, causal, scale, dropout_p, block):
     b, h, n, e = q.shape
     ev = v.shape[-1]
@@ -73,11 +79,11 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mas
                     dropout_p: float, block: int) -> tuple[Tensor, Tensor]:
     b, h, n, blk, ptrs, mstr, cfg, keep = _common(q, k, v, bias, mask, lengths, seed, causal, scale, dropout_p,
                                                   block)
-    out = torch.empty_like(v)
+    out = torch.empty_like(v)  # v's layout (the caller passes v dense with a unit last stride)
     lse = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(n, blk), b * h)
-    kernels.attention_fwd[grid](*ptrs, out, lse, *mstr, h, n, scale * LOG2E, dropout_p, keep, **cfg,
-                                num_warps=_num_warps(blk), num_stages=2)
+    kernels.attention_fwd[grid](*ptrs, out, lse, *mstr, *_vstrides(v), *_vstrides(out), h, n, scale * LOG2E,
+                                dropout_p, keep, **cfg, num_warps=_num_warps(blk), num_stages=2)
     return out, lse
 
 
@@ -97,13 +103,17 @@ def fused_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias
                                                   block)
     nw = _num_warps(blk)
     delta = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
-    kernels.attention_bwd_delta[(triton.cdiv(n, blk), b * h)](out, dout, delta, n, EV=cfg["EV"], BEV=cfg["BEV"],
-                                                               BLOCK_M=blk, num_warps=nw)
+    kernels.attention_bwd_delta[(triton.cdiv(n, blk), b * h)](out, dout, delta, *_vstrides(out), *_vstrides(dout),
+                                                               h, n, EV=cfg["EV"], BEV=cfg["BEV"], BLOCK_M=blk,
+                                                               num_warps=nw)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if dv.stride() != v.stride():  # the kernels write dv with v's strides
+        dv = torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device)
     args = (*ptrs, dout, lse, delta)
-    kernels.attention_bwd_dkdv[(triton.cdiv(n, blk), b * h)](*args, dk, dv, *mstr, h, n, scale * LOG2E, scale,
+    vd = (*mstr, *_vstrides(v), *_vstrides(dout))
+    kernels.attention_bwd_dkdv[(triton.cdiv(n, blk), b * h)](*args, dk, dv, *vd, h, n, scale * LOG2E, scale,
                                                              dropout_p, keep, **cfg, num_warps=nw, num_stages=2)
-    kernels.attention_bwd_dq[(triton.cdiv(n, blk), b * h)](*args, dq, *mstr, h, n, scale * LOG2E, scale,
+    kernels.attention_bwd_dq[(triton.cdiv(n, blk), b * h)](*args, dq, *vd, h, n, scale * LOG2E, scale,
                                                            dropout_p, keep, **cfg, num_warps=nw, num_stages=2)
     if not bias_grad:
         return dq, dk, dv, q.new_empty((0,), dtype=torch.float32)
@@ -113,7 +123,7 @@ def fused_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias
     groups = triton.cdiv(b, rows)
     partial = torch.empty(groups, h, n, n, device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(n, blk), triton.cdiv(n, blk), groups * h)
-    kernels.attention_bwd_dbias[grid](*args, partial, *mstr, b, h, n, rows, scale * LOG2E, scale, dropout_p, keep,
+    kernels.attention_bwd_dbias[grid](*args, partial, *vd, b, h, n, rows, scale * LOG2E, scale, dropout_p, keep,
                                       **cfg, num_warps=nw, num_stages=2)
     return dq, dk, dv, partial.sum(0)
 
@@ -138,7 +148,9 @@ def _backward(ctx, dout, _dlse):
     q, k, v, bias, mask, lengths, seed, out, lse = ctx.saved_tensors
     causal, scale, dropout_p, block = ctx.config
     bias_grad = bias is not None and ctx.needs_input_grad[3]
-    dq, dk, dv, db = fused_attention_backward(dout.contiguous(), q, k, v, bias, mask, lengths, seed, out, lse,
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    dq, dk, dv, db = fused_attention_backward(dout, q, k, v, bias, mask, lengths, seed, out, lse,
                                               causal, scale, dropout_p, block, bias_grad)
     dbias = db.to(bias.dtype) if bias_grad else None
     return dq, dk, dv, dbias, None, None, None, None, None, None, None

@@ -23,7 +23,8 @@ _TORCH = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def _signature(fn, pointers: dict, constexprs: dict) -> dict:
-    ints = {"smb", "smh", "smi", "smj", "H", "N", "B", "BH", "rows_per_group", "E", "EV"}
+    ints = {"smb", "smh", "smi", "smj", "svb", "svh", "svn", "sob", "soh", "son", "sdb", "sdh", "sdn", "H", "N", "B",
+            "BH", "rows_per_group", "E", "EV"}
     floats = {"qk_scale", "scale", "p_drop", "inv_keep"}
     sig = {}
     for name in fn.arg_names:

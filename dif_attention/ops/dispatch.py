@@ -118,6 +118,18 @@ def _fold(queries, keys, allowed_for_fold, fusion, b, *, gate_kernel: bool = Tru
     return q, k, (None if bias is None else bias.contiguous())
 
 
+def _dense(t: Tensor) -> bool:
+    """Unit last stride and no gaps or overlaps (dims may be permuted, e.g. (b, n, h, e) seen as (b, h, n, e))."""
+    if t.stride(-1) != 1:
+        return False
+    expected = 1
+    for d in sorted(range(t.ndim), key=lambda d: (t.stride(d), -d)):
+        if t.size(d) != 1 and t.stride(d) != expected:
+            return False
+        expected *= t.size(d)
+    return True
+
+
 def _kernel_mask(allowed: Tensor | None, is_causal: bool, n: int):
     """(mask for the kernel or None, causal flag). The kernel ANDs the flag and the mask, so passing
     both is always exact. A 2-d CPU mask equal to the causal one becomes the flag alone; on CUDA (and
@@ -211,6 +223,7 @@ def triton_decoupled_attention(queries, keys, value, *, allowed: Tensor | None =
             seed_t = torch.tensor([int(seed)], device=value.device, dtype=torch.int64)
     from .attention_op import fused_attention
 
-    out, _ = fused_attention(q, k, value.contiguous(), bias, mask, lengths, seed_t, causal, float(scale),
+    value = value if _dense(value) else value.contiguous()  # a head split (b, n, h, e) is read in place
+    out, _ = fused_attention(q, k, value, bias, mask, lengths, seed_t, causal, float(scale),
                              float(dropout_p), int(block or 0))
     return out

@@ -4,7 +4,8 @@ Every kernel sees the fusion already folded into one attention (``reference/kern
 
     q      : (b, h, n, E)    concatenated per-source queries (gates already folded in), contiguous
     k      : (b, h, n, E)    concatenated per-source keys, contiguous
-    v      : (b, h, n, EV)   item values, contiguous; EV may differ from E
+    v      : (b, h, n, EV)   item values, any strides with a unit last one (the (b, n, h, e) layout of a
+                             head split needs no copy); EV may differ from E; dv and out share v's layout
     bias   : (h, n, n)       optional batch-independent raw-score table (the position stream)
     mask   : (b|1, h|1, n|1, n) uint8 view of a bool mask, broadcast by zero strides
     lengths: (b,) int32      optional: positions >= lengths[b] are padding (masked as keys and as queries)
@@ -26,6 +27,12 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _rows(bh, H, sb, sh, sn, offs):
+    """Element offsets of rows ``offs`` of head ``bh`` in a (b, h, n, e) tensor with strides (sb, sh, sn, 1)."""
+    return (bh // H) * sb + (bh % H) * sh + offs.to(tl.int64) * sn
 
 
 @triton.jit
@@ -63,7 +70,7 @@ def _keep(seed, bh, N, offs_m, offs_n, p_drop):
 
 @triton.jit
 def attention_fwd(Q, K, V, Bias, M, Len, Seed, O, Lse,
-                  smb, smh, smi, smj, H, N, qk_scale, p_drop, inv_keep,
+                  smb, smh, smi, smj, svb, svh, svn, sob, soh, son, H, N, qk_scale, p_drop, inv_keep,
                   E, EV, BE: tl.constexpr, BEV: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                   HAS_LEN: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr):
@@ -92,7 +99,7 @@ def attention_fwd(Q, K, V, Bias, M, Len, Seed, O, Lse,
         col_ok = tl.max(ok.to(tl.int32), axis=0) > 0
         k = tl.load(K + bh * N * E + offs_n[:, None] * E + offs_e[None, :],
                     mask=col_ok[:, None] & (offs_e[None, :] < E), other=0.0)
-        v = tl.load(V + bh * N * EV + offs_n[:, None] * EV + offs_ev[None, :],
+        v = tl.load(V + _rows(bh, H, svb, svh, svn, offs_n)[:, None] + offs_ev[None, :],
                     mask=col_ok[:, None] & (offs_ev[None, :] < EV), other=0.0)
         s = _logits(q, k, Bias, bh, H, N, offs_m, offs_n, qk_scale, HAS_BIAS, PREC)
         s = tl.where(ok, s, float("-inf"))
@@ -109,22 +116,24 @@ def attention_fwd(Q, K, V, Bias, M, Len, Seed, O, Lse,
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.log2(l_safe))
-    tl.store(O + bh * N * EV + offs_m[:, None] * EV + offs_ev[None, :], out.to(O.dtype.element_ty),
+    tl.store(O + _rows(bh, H, sob, soh, son, offs_m)[:, None] + offs_ev[None, :], out.to(O.dtype.element_ty),
              mask=(offs_m[:, None] < N) & (offs_ev[None, :] < EV))
     tl.store(Lse + bh * N + offs_m, lse, mask=offs_m < N)
 
 
 @triton.jit
-def attention_bwd_delta(O, DO, Delta, N, EV, BEV: tl.constexpr, BLOCK_M: tl.constexpr):
+def attention_bwd_delta(O, DO, Delta, sob, soh, son, sdb, sdh, sdn, H, N, EV, BEV: tl.constexpr,
+                        BLOCK_M: tl.constexpr):
     """delta = rowsum(out * d_out): (b, h, n) fp32. Grid (cdiv(n, BLOCK_M), b*h)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_ev = tl.arange(0, BEV)
-    ptr = bh * N * EV + offs_m[:, None] * EV + offs_ev[None, :]
     msk = (offs_m[:, None] < N) & (offs_ev[None, :] < EV)
-    o = tl.load(O + ptr, mask=msk, other=0.0).to(tl.float32)
-    do = tl.load(DO + ptr, mask=msk, other=0.0).to(tl.float32)
+    o = tl.load(O + _rows(bh, H, sob, soh, son, offs_m)[:, None] + offs_ev[None, :], mask=msk,
+                other=0.0).to(tl.float32)
+    do = tl.load(DO + _rows(bh, H, sdb, sdh, sdn, offs_m)[:, None] + offs_ev[None, :], mask=msk,
+                 other=0.0).to(tl.float32)
     tl.store(Delta + bh * N + offs_m, tl.sum(o * do, axis=1), mask=offs_m < N)
 
 
@@ -147,7 +156,7 @@ def _dlogits(q, k, v, do, lse, delta, ok, Bias, bh, H, N, offs_m, offs_n, qk_sca
 
 @triton.jit
 def attention_bwd_dkdv(Q, K, V, Bias, M, Len, Seed, DO, Lse, Delta, DK, DV,
-                       smb, smh, smi, smj, H, N, qk_scale, scale, p_drop, inv_keep,
+                       smb, smh, smi, smj, svb, svh, svn, sdb, sdh, sdn, H, N, qk_scale, scale, p_drop, inv_keep,
                        E, EV, BE: tl.constexpr, BEV: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                        HAS_BIAS: tl.constexpr, HAS_LEN: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -171,7 +180,7 @@ def attention_bwd_dkdv(Q, K, V, Bias, M, Len, Seed, DO, Lse, Delta, DK, DV,
     dv = tl.zeros([BLOCK_N, BEV], tl.float32)
     k = tl.load(K + bh * N * E + offs_n[:, None] * E + offs_e[None, :],
                 mask=(offs_n[:, None] < N) & (offs_e[None, :] < E), other=0.0)
-    v = tl.load(V + bh * N * EV + offs_n[:, None] * EV + offs_ev[None, :],
+    v = tl.load(V + _rows(bh, H, svb, svh, svn, offs_n)[:, None] + offs_ev[None, :],
                 mask=(offs_n[:, None] < N) & (offs_ev[None, :] < EV), other=0.0)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -179,7 +188,7 @@ def attention_bwd_dkdv(Q, K, V, Bias, M, Len, Seed, DO, Lse, Delta, DK, DV,
         row_ok = tl.max(ok.to(tl.int32), axis=1) > 0
         q = tl.load(Q + bh * N * E + offs_m[:, None] * E + offs_e[None, :],
                     mask=row_ok[:, None] & (offs_e[None, :] < E), other=0.0)
-        do = tl.load(DO + bh * N * EV + offs_m[:, None] * EV + offs_ev[None, :],
+        do = tl.load(DO + _rows(bh, H, sdb, sdh, sdn, offs_m)[:, None] + offs_ev[None, :],
                      mask=row_ok[:, None] & (offs_ev[None, :] < EV), other=0.0)
         lse = tl.load(Lse + bh * N + offs_m, mask=row_ok, other=float("inf"))
         delta = tl.load(Delta + bh * N + offs_m, mask=row_ok, other=0.0)
@@ -189,13 +198,13 @@ def attention_bwd_dkdv(Q, K, V, Bias, M, Len, Seed, DO, Lse, Delta, DK, DV,
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
     tl.store(DK + bh * N * E + offs_n[:, None] * E + offs_e[None, :], (dk * scale).to(DK.dtype.element_ty),
              mask=(offs_n[:, None] < N) & (offs_e[None, :] < E))
-    tl.store(DV + bh * N * EV + offs_n[:, None] * EV + offs_ev[None, :], dv.to(DV.dtype.element_ty),
+    tl.store(DV + _rows(bh, H, svb, svh, svn, offs_n)[:, None] + offs_ev[None, :], dv.to(DV.dtype.element_ty),
              mask=(offs_n[:, None] < N) & (offs_ev[None, :] < EV))
 
 
 @triton.jit
 def attention_bwd_dq(Q, K, V, Bias, M, Len, Seed, DO, Lse, Delta, DQ,
-                     smb, smh, smi, smj, H, N, qk_scale, scale, p_drop, inv_keep,
+                     smb, smh, smi, smj, svb, svh, svn, sdb, sdh, sdn, H, N, qk_scale, scale, p_drop, inv_keep,
                      E, EV, BE: tl.constexpr, BEV: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                      HAS_BIAS: tl.constexpr, HAS_LEN: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -216,7 +225,7 @@ def attention_bwd_dq(Q, K, V, Bias, M, Len, Seed, DO, Lse, Delta, DQ,
         hi = tl.minimum(hi, tl.load(Len + bh // H))
     q = tl.load(Q + bh * N * E + offs_m[:, None] * E + offs_e[None, :],
                 mask=(offs_m[:, None] < N) & (offs_e[None, :] < E), other=0.0)
-    do = tl.load(DO + bh * N * EV + offs_m[:, None] * EV + offs_ev[None, :],
+    do = tl.load(DO + _rows(bh, H, sdb, sdh, sdn, offs_m)[:, None] + offs_ev[None, :],
                  mask=(offs_m[:, None] < N) & (offs_ev[None, :] < EV), other=0.0)
     lse = tl.load(Lse + bh * N + offs_m, mask=offs_m < N, other=float("inf"))
     delta = tl.load(Delta + bh * N + offs_m, mask=offs_m < N, other=0.0)
@@ -227,7 +236,7 @@ def attention_bwd_dq(Q, K, V, Bias, M, Len, Seed, DO, Lse, Delta, DQ,
         col_ok = tl.max(ok.to(tl.int32), axis=0) > 0
         k = tl.load(K + bh * N * E + offs_n[:, None] * E + offs_e[None, :],
                     mask=col_ok[:, None] & (offs_e[None, :] < E), other=0.0)
-        v = tl.load(V + bh * N * EV + offs_n[:, None] * EV + offs_ev[None, :],
+        v = tl.load(V + _rows(bh, H, svb, svh, svn, offs_n)[:, None] + offs_ev[None, :],
                     mask=col_ok[:, None] & (offs_ev[None, :] < EV), other=0.0)
         pd, ds = _dlogits(q, k, v, do, lse, delta, ok, Bias, bh, H, N, offs_m, offs_n, qk_scale, seed, p_drop,
                           inv_keep, HAS_BIAS, DROPOUT, PREC)
@@ -238,7 +247,7 @@ def attention_bwd_dq(Q, K, V, Bias, M, Len, Seed, DO, Lse, Delta, DQ,
 
 @triton.jit
 def attention_bwd_dbias(Q, K, V, Bias, M, Len, Seed, DO, Lse, Delta, DBias,
-                        smb, smh, smi, smj, B, H, N, rows_per_group, qk_scale, scale, p_drop, inv_keep,
+                        smb, smh, smi, smj, svb, svh, svn, sdb, sdh, sdn, B, H, N, rows_per_group, qk_scale, scale, p_drop, inv_keep,
                         E, EV, BE: tl.constexpr, BEV: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                         HAS_BIAS: tl.constexpr, HAS_LEN: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -273,13 +282,13 @@ def attention_bwd_dbias(Q, K, V, Bias, M, Len, Seed, DO, Lse, Delta, DBias,
         col_ok = tl.max(ok.to(tl.int32), axis=0) > 0
         q = tl.load(Q + bh * N * E + offs_m[:, None] * E + offs_e[None, :],
                     mask=row_ok[:, None] & (offs_e[None, :] < E), other=0.0)
-        do = tl.load(DO + bh * N * EV + offs_m[:, None] * EV + offs_ev[None, :],
+        do = tl.load(DO + _rows(bh, H, sdb, sdh, sdn, offs_m)[:, None] + offs_ev[None, :],
                      mask=row_ok[:, None] & (offs_ev[None, :] < EV), other=0.0)
         lse = tl.load(Lse + bh * N + offs_m, mask=row_ok, other=float("inf"))
         delta = tl.load(Delta + bh * N + offs_m, mask=row_ok, other=0.0)
         k = tl.load(K + bh * N * E + offs_n[:, None] * E + offs_e[None, :],
                     mask=col_ok[:, None] & (offs_e[None, :] < E), other=0.0)
-        v = tl.load(V + bh * N * EV + offs_n[:, None] * EV + offs_ev[None, :],
+        v = tl.load(V + _rows(bh, H, svb, svh, svn, offs_n)[:, None] + offs_ev[None, :],
                     mask=col_ok[:, None] & (offs_ev[None, :] < EV), other=0.0)
         pd, ds = _dlogits(q, k, v, do, lse, delta, ok, Bias, bh, H, N, offs_m, offs_n, qk_scale, seed,
                           p_drop, inv_keep, HAS_BIAS, DROPOUT, PREC)
