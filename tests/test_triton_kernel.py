@@ -247,3 +247,31 @@ def test_paper_gate_energies_and_gradients(n):
     torch.testing.assert_close(got, want, **TOL[torch.float32])
     for a, c in zip(_grads(got, leaves), _grads(want, leaves)):
         torch.testing.assert_close(a, c, atol=1e-4, rtol=1e-4)
+
+
+def test_autocast_half_matches_torch_backend():
+    """DecoupledAttention under fp16 autocast (fp32 parameters, half activations): triton == torch backend."""
+    torch.manual_seed(0)
+    att = DecoupledAttention(16, 2, attr_dims={"c": 8}, fusion="concat").to(DEVICE)
+    x, c, pos = (torch.randn(*s, device=DEVICE) for s in [(3, 10, 16), (3, 10, 8), (10, 16)])
+    outs = []
+    for backend in ("triton", "torch"):
+        att.backend = backend
+        with torch.autocast(DEVICE, dtype=torch.float16):
+            outs.append(att(x, attrs={"c": c}, pos=pos, is_causal=True))
+    assert outs[0].dtype == outs[1].dtype == torch.float16
+    torch.testing.assert_close(outs[0], outs[1], **TOL[torch.float16])
+
+
+def test_one_dtype_reaches_the_kernel():
+    """A source promoted to fp32 (e.g. by an fp32 fusion parameter) is cast back by the fold, and the op
+    itself refuses mixed dtypes with a named error instead of a GPU compile error."""
+    from dif_attention.fusion import AddFusion
+    from dif_attention.ops.attention_op import fused_attention
+
+    qs, ks, v = _inputs(n=5, dtype=torch.float16)
+    qs[2] = qs[2].float()
+    q, k, _ = ops.dispatch._fold(qs, ks, None, AddFusion(), 2, dtype=torch.float16)
+    assert q.dtype == k.dtype == torch.float16
+    with pytest.raises(DIFError, match="one dtype"):
+        fused_attention(q.float(), k, v, None, None, None, None, True, 0.5, 0.0, 0)

@@ -21,6 +21,7 @@ import torch
 import triton
 from torch import Tensor
 
+from ..errors import DIFError
 from . import kernels
 
 __all__ = ["fused_attention", "fused_attention_backward", "pick_block", "LOG2E"]
@@ -57,6 +58,9 @@ def _vstrides(t: Tensor):
 
 
 def _common(q, k, v, bias, mask, lengths, seed, causal, scale, dropout_p, block):
+    if not (q.dtype == k.dtype == v.dtype):  # tl.dot needs equal operand dtypes (a compile error on GPU)
+        raise DIFError(f"queries: expected q, k and v of one dtype for the fused kernel, got "
+                       f"{q.dtype}, {k.dtype}, {v.dtype}")
     b, h, n, e = q.shape
     ev = v.shape[-1]
     blk = block if block > 0 else pick_block(n, e, ev, q.dtype)

@@ -91,9 +91,11 @@ def unsupported_reasons(queries, keys, value, *, fusion="add") -> list[str]:
     return reasons
 
 
-def _fold(queries, keys, allowed_for_fold, fusion, b, *, gate_kernel: bool = True):
+def _fold(queries, keys, allowed_for_fold, fusion, b, *, dtype=None, gate_kernel: bool = True):
     """-> (q (b, h, n, E), k (b, h, n, E), bias (h, n, n) or None), all contiguous. ``gate_kernel=False``
-    computes the paper-exact gate with the fusion's own torch code (for other attention providers)."""
+    computes the paper-exact gate with the fusion's own torch code (for other attention providers);
+    ``dtype`` (default: the first query's) is the dtype of the returned q and k."""
+    dtype = dtype or queries[0].dtype
     if gate_kernel and isinstance(fusion, GateFusion) and fusion.max_len is not None:
         from .gate_op import paper_gates
 
@@ -113,8 +115,9 @@ def _fold(queries, keys, allowed_for_fold, fusion, b, *, gate_kernel: bool = Tru
             bias = term if bias is None else bias + term
         qs = [q for i, q in enumerate(qs) if i not in shared]
         ks = [k for i, k in enumerate(ks) if i not in shared]
-    q = torch.cat([t.expand(b, -1, -1, -1) for t in qs], -1).contiguous()
-    k = torch.cat([t.expand(b, -1, -1, -1) for t in ks], -1).contiguous()
+    # fusion parameters may promote a source (fp32 weight x half q under autocast): one dtype for the kernel
+    q = torch.cat([t.expand(b, -1, -1, -1).to(dtype) for t in qs], -1).contiguous()
+    k = torch.cat([t.expand(b, -1, -1, -1).to(dtype) for t in ks], -1).contiguous()
     return q, k, (None if bias is None else bias.contiguous())
 
 
@@ -213,7 +216,7 @@ def triton_decoupled_attention(queries, keys, value, *, allowed: Tensor | None =
         return _sdpa(queries, keys, value, mask, is_causal, fusion, float(scale), float(dropout_p))
     needs_mask = isinstance(fusion, GateFusion) and fusion.max_len is None
     fold_mask = _fold_mask(allowed, is_causal, lengths, n, value.device) if needs_mask else None
-    q, k, bias = _fold(queries, keys, fold_mask, fusion, b)
+    q, k, bias = _fold(queries, keys, fold_mask, fusion, b, dtype=value.dtype)
     mask, causal = _kernel_mask(allowed, is_causal, n)
     seed_t = None
     if dropout_p > 0:
