@@ -36,6 +36,7 @@ def test_kernel_benchmark_runs_on_cpu(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter run is the CPU stand-in for the GPU run")
 def test_kernel_benchmark_triton_provider_in_the_interpreter(tmp_path):
     """--interpret runs the Triton provider on CPU: it must agree with eager on every valid row."""
+    pytest.importorskip("triton")
     result = kernels.main(["--device", "cpu", "--shapes", "2,2,6", "--batch-div", "1", "--fusions", "add", "gate",
                            "--modes", "fwd", "--providers", "eager", "triton", "--repeats", "1", "--warmup", "0",
                            "--threads", "1", "--interpret", "--out", str(tmp_path)])
