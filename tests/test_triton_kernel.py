@@ -193,6 +193,10 @@ def test_unsupported_cases_raise_or_fall_back():
     got = ops.triton_decoupled_attention(qs, ks, v, is_causal=True, strict=False)  # falls back to sdpa
     want, _ = reference_attention(qs, ks, v, is_causal=True)
     torch.testing.assert_close(got, want)
+    custom = torch.rand(5, 5, generator=torch.Generator().manual_seed(0)) > 0.4  # 2-d, not causal
+    got = ops.triton_decoupled_attention(qs, ks, v, allowed=custom.to(DEVICE), is_causal=True, strict=False)
+    want, _ = reference_attention(qs, ks, v, mask=custom.to(DEVICE), is_causal=True)
+    torch.testing.assert_close(got, want)
     wide = [torch.zeros(1, 1, 4, ops.MAX_WIDTH + 1, device=DEVICE)]
     assert any("width" in r for r in ops.unsupported_reasons(wide, wide, torch.zeros(1, 1, 4, 8, device=DEVICE)))
     assert ops.unsupported_reasons(*_inputs(n=5)) == []
@@ -275,3 +279,13 @@ def test_one_dtype_reaches_the_kernel():
     assert q.dtype == k.dtype == torch.float16
     with pytest.raises(DIFError, match="one dtype"):
         fused_attention(q.float(), k, v, None, None, None, None, True, 0.5, 0.0, 0)
+
+
+@pytest.mark.parametrize("shape", ["nn", "1hnn", "b11n"])
+def test_broadcast_masks_with_causal(shape):
+    """Masks of every broadcast shape (read through zero strides), combined with is_causal."""
+    b, h, n = 2, 2, 9
+    qs, ks, v = _inputs(b=b, h=h, n=n)
+    full = {"nn": (n, n), "1hnn": (1, h, n, n), "b11n": (b, 1, 1, n)}[shape]
+    mask = (torch.rand(*full, generator=torch.Generator().manual_seed(1)) > 0.3).to(DEVICE)
+    _compare(qs, ks, v, "add", TOL[torch.float32], mask=mask, is_causal=True)

@@ -193,8 +193,9 @@ def triton_decoupled_attention(queries, keys, value, *, allowed: Tensor | None =
     b, h, n = _validate(queries, keys, value, False)
     fusion = get_fusion(fusion)
     fusion.check(len(queries), n)
-    if allowed is not None and not (allowed.ndim == 2 and is_causal):
-        allowed = check_mask(allowed, b, h, n, arg="allowed")
+    if allowed is not None:
+        checked = check_mask(allowed, b, h, n, arg="allowed")
+        allowed = allowed if (allowed.ndim == 2 and is_causal) else checked  # keep a 2-d causal mask 2-d
     if allowed is not None and allowed.device != value.device:
         fail("allowed", f"device {value.device} (the device of value)", f"device {allowed.device}")
     if lengths is not None:
@@ -212,8 +213,12 @@ def triton_decoupled_attention(queries, keys, value, *, allowed: Tensor | None =
                            + "; ".join(reasons))
         from ..functional import _sdpa
 
-        mask = _fold_mask(allowed, is_causal, lengths, n, value.device)
-        return _sdpa(queries, keys, value, mask, is_causal, fusion, float(scale), float(dropout_p))
+        if allowed is None and lengths is None:  # causal or nothing: SDPA's own fast paths
+            return _sdpa(queries, keys, value, _fold_mask(None, is_causal, None, n, value.device), is_causal,
+                         fusion, float(scale), float(dropout_p))
+        mask = _fold_mask(allowed, is_causal, lengths, n, value.device)  # fully combined, made 4-d so that
+        mask = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))  # _sdpa never reads it as causal-only
+        return _sdpa(queries, keys, value, mask, False, fusion, float(scale), float(dropout_p))
     needs_mask = isinstance(fusion, GateFusion) and fusion.max_len is None
     fold_mask = _fold_mask(allowed, is_causal, lengths, n, value.device) if needs_mask else None
     q, k, bias = _fold(queries, keys, fold_mask, fusion, b, dtype=value.dtype)
