@@ -98,16 +98,19 @@ def reference_attention(queries: Sequence[Tensor], keys: Sequence[Tensor], value
     return _reference(queries, keys, value, allowed, fusion, scale, dropout_p)
 
 
+def _masked_softmax(logits: Tensor, allowed: Tensor | None) -> Tensor:
+    """Softmax over keys where ``allowed``; rows with no allowed key give all zeros (and zero gradients)."""
+    if allowed is None:
+        return logits.softmax(-1)
+    row_ok = allowed.any(-1, keepdim=True)
+    logits = logits.masked_fill(~allowed, float("-inf")).masked_fill(~row_ok, 0.0)
+    return logits.softmax(-1) * row_ok
+
+
 def _reference(queries, keys, value, allowed, fusion, scale, dropout_p):
     scores = [q @ k.transpose(-1, -2) for q, k in zip(queries, keys)]
     fused = fusion.combine(scores, allowed)
-    logits = fused * scale
-    if allowed is not None:
-        row_ok = allowed.any(-1, keepdim=True)
-        logits = logits.masked_fill(~allowed, float("-inf")).masked_fill(~row_ok, 0.0)
-    probs = logits.softmax(-1)
-    if allowed is not None:
-        probs = probs * row_ok
+    probs = _masked_softmax(fused * scale, allowed)
     attn = F.dropout(probs, p=dropout_p) if dropout_p > 0 else probs
     out = attn @ value
     return out, {"sources": scores, "fused": fused, "probs": probs}
@@ -138,13 +141,7 @@ def _math(queries, keys, value, allowed, is_causal, fusion, scale, dropout_p):
     logits = q @ k.transpose(-1, -2)
     if bias is not None:
         logits = logits + bias
-    logits = logits * scale
-    if allowed is not None:
-        row_ok = allowed.any(-1, keepdim=True)
-        logits = logits.masked_fill(~allowed, float("-inf")).masked_fill(~row_ok, 0.0)
-    probs = logits.softmax(-1)
-    if allowed is not None:
-        probs = probs * row_ok
+    probs = _masked_softmax(logits * scale, allowed)
     if dropout_p > 0:
         probs = F.dropout(probs, p=dropout_p)
     return probs @ value
