@@ -4,11 +4,15 @@ trained with examples/train.py (once; the checkpoint is reused) and measured on 
 Checkpoints: ``<runs>/<dataset>/<model>-rank-d<dim>h<heads>l<layers>a<attr>n<n>/seed<seed>/best.pt`` (the
 tag keeps them apart from the examples' own runs, which use other settings). Training: the examples' defaults
 (Adam 1e-3, dropout 0.5, all-position causal training, AAP lambda 10 for DIF, early stopping on validation
-NDCG@10) with ``--epochs`` (default 30) and a training-time budget per model (``--train-seconds``, default 600 s).
+NDCG@10, patience 3) for ``--epochs`` epochs (default 10; every family gets the same number), optionally capped
+by a training-time budget per model (``--train-seconds``, default 0 = none). A checkpoint of a run that ended
+before ``--epochs`` without early stopping (a time budget, an interrupted run) is continued to ``--epochs``.
 """
 from __future__ import annotations
 
+import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -27,8 +31,8 @@ def config(args):
 
     tag = f"rank-d{args.dim}h{args.heads}l{args.layers}a{args.attr_dim}n{args.n}"
     return TrainConfig(dim=args.dim, heads=args.heads, layers=args.layers, attr_dim=args.attr_dim, max_len=args.n,
-                       fusion=args.fusion, epochs=args.epochs or 30, patience=3, seed=args.seed,
-                       max_train_seconds=float(getattr(args, "train_seconds", 300.0)), out_dir=str(args.runs),
+                       fusion=args.fusion, epochs=args.epochs or 10, patience=3, seed=args.seed,
+                       max_train_seconds=float(getattr(args, "train_seconds", 0.0)), out_dir=str(args.runs),
                        extra={"tag": tag})
 
 
@@ -37,11 +41,18 @@ def trained_model(dataset, name: str, cfg):
     from examples.models import build_model
     from examples.train import run, run_dir
 
-    path = run_dir(cfg, dataset.name, name) / "best.pt"
-    if not path.exists():
-        print(f"[train] {name} on {dataset.name}: no checkpoint at {path}, training "
-              f"(<= {cfg.epochs} epochs, <= {cfg.max_train_seconds:.0f} s)", flush=True)
-        result = run(dataset, name, cfg)
+    folder = run_dir(cfg, dataset.name, name)
+    path = folder / "best.pt"
+    short = False
+    if path.exists() and (folder / "result.json").exists() and (folder / "last.pt").exists():
+        done = json.loads((folder / "result.json").read_text())
+        stopped = done["epochs"] - done["best_epoch"] > cfg.patience
+        short = done["epochs"] < cfg.epochs and not stopped
+    if not path.exists() or short:
+        what = "continuing the checkpoint" if short else f"no checkpoint at {path}"
+        budget = f", <= {cfg.max_train_seconds:.0f} s" if cfg.max_train_seconds else ""
+        print(f"[train] {name} on {dataset.name}: {what}, training to {cfg.epochs} epochs{budget}", flush=True)
+        result = run(dataset, name, replace(cfg, resume=short))
         print(f"[train] {name} on {dataset.name}: test NDCG@10 {result['test']['NDCG@10']:.4f} "
               f"after {result['epochs']} epochs (best {result['best_epoch']})", flush=True)
     model = build_model(name, dataset.info, **cfg.model_kwargs())

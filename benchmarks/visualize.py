@@ -50,7 +50,7 @@ def parse(argv=None):
     p.add_argument("--fusion", default="gate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--train-seconds", type=float, default=600.0)
+    p.add_argument("--train-seconds", type=float, default=0.0)
     p.add_argument("--runs", type=Path, default=ROOT / "runs")
     p.add_argument("--out", type=Path, default=None, help="PNG path (default docs/img/attention_<dataset>.png)")
     args = p.parse_args(argv)
