@@ -41,13 +41,16 @@ def _triton_installed() -> bool:
 
 
 def interpreted() -> bool:
-    """True when the kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1`` was set before
-    they were decorated)."""
+    """True when the kernels run in Triton's CPU interpreter: ``TRITON_INTERPRET=1`` was set before
+    triton was first imported (triton's own ``tl.zeros`` etc. are decorated then) and before these
+    kernels were decorated."""
     if not _triton_installed():
         return False
+    import triton.language.standard as std
+
     from . import kernels
 
-    return type(kernels.attention_fwd).__name__ == "InterpretedFunction"
+    return all(type(f).__name__ == "InterpretedFunction" for f in (kernels.attention_fwd, std.zeros))
 
 
 def available() -> bool:
@@ -77,7 +80,8 @@ def unsupported_reasons(queries, keys, value, *, fusion="add") -> list[str]:
     reasons = []
     dev = value.device
     if not (dev.type == "cuda" or (dev.type == "cpu" and interpreted())):
-        reasons.append(f"value is on {dev}: the kernel runs on CUDA (or on CPU under TRITON_INTERPRET=1)")
+        reasons.append(f"value is on {dev}: the kernel runs on CUDA (or on CPU under TRITON_INTERPRET=1, set "
+                       "before triton is first imported)")
     if value.dtype not in _DTYPES:
         reasons.append(f"dtype {value.dtype}: the kernel takes float16, bfloat16 or float32")
     if value.dtype == torch.bfloat16 and dev.type == "cpu":
