@@ -202,6 +202,17 @@ def test_unsupported_cases_raise_or_fall_back():
     assert ops.unsupported_reasons(*_inputs(n=5)) == []
 
 
+def test_environment_switch_turns_the_kernels_off(monkeypatch):
+    qs, ks, v = _inputs(n=5)
+    monkeypatch.setenv("DIF_ATTENTION_TRITON", "0")
+    assert not ops.available()
+    assert any("DIF_ATTENTION_TRITON" in r for r in ops.unsupported_reasons(qs, ks, v))
+    with pytest.raises(DIFError, match="DIF_ATTENTION_TRITON"):
+        decoupled_attention(qs, ks, v, backend="triton")
+    monkeypatch.delenv("DIF_ATTENTION_TRITON")
+    assert ops.available()
+
+
 def test_bad_arguments_are_named():
     qs, ks, v = _inputs(n=5)
     with pytest.raises(DIFError, match="lengths"):

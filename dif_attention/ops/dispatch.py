@@ -54,8 +54,9 @@ def interpreted() -> bool:
 
 
 def available() -> bool:
-    """Triton is installed and there is somewhere to run the kernels (CUDA, or the interpreter)."""
-    if not _triton_installed():
+    """Triton is installed and there is somewhere to run the kernels (CUDA, or the interpreter).
+    ``DIF_ATTENTION_TRITON=0`` in the environment turns the kernels off (``"auto"`` then never picks them)."""
+    if os.environ.get("DIF_ATTENTION_TRITON") == "0" or not _triton_installed():
         return False
     return torch.cuda.is_available() or interpreted()
 
@@ -78,6 +79,8 @@ def unsupported_reasons(queries, keys, value, *, fusion="add") -> list[str]:
     if not _triton_installed():
         return ["triton is not installed (pip install 'dif-attention[triton]')"]
     reasons = []
+    if os.environ.get("DIF_ATTENTION_TRITON") == "0":
+        reasons.append("the kernels are turned off (DIF_ATTENTION_TRITON=0)")
     dev = value.device
     if not (dev.type == "cuda" or (dev.type == "cpu" and interpreted())):
         reasons.append(f"value is on {dev}: the kernel runs on CUDA (or on CPU under TRITON_INTERPRET=1, set "
