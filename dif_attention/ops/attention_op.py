@@ -122,7 +122,8 @@ def fused_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias
     if not bias_grad:
         return dq, dk, dv, q.new_empty((0,), dtype=torch.float32)
     tiles = triton.cdiv(n, blk) ** 2
-    groups = max(1, min(b, triton.cdiv(1024, tiles * h)))  # enough programs to fill a GPU
+    # enough programs to fill a GPU, but >= 4 batch rows per group so the partials stay << (b, h, n, n)
+    groups = max(1, min(triton.cdiv(b, 4), triton.cdiv(1024, tiles * h)))
     rows = triton.cdiv(b, groups)
     groups = triton.cdiv(b, rows)
     partial = torch.empty(groups, h, n, n, device=q.device, dtype=torch.float32)
