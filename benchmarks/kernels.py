@@ -23,7 +23,7 @@ effective bandwidth --, %HBM = GB/s over --peak-gbs (H200: 4800), TFLOP/s over t
 (2 n^2 (E + Ev) forward, 2 n^2 (3E + 2Ev) more backward), peak = extra CUDA memory of one call (MiB),
 maxdiff = largest |output - first provider's output| over valid query rows (fwd rows, no dropout), a
 sanity check that every provider computes the same attention.
-Writes <out>/kernels.json, kernels.csv and kernels.png.
+Writes <out>/kernels.json, kernels.csv and kernels.png (the csv and kernels.partial.json after every row).
 """
 from __future__ import annotations
 
@@ -228,9 +228,25 @@ def run_kernels(args, device):
                                            hbm=(gbs / args.peak_gbs) if args.peak_gbs else None)
                         rows.append(row)
                         print(format_row(row), flush=True)
+                        if args.out:  # written as we go: a time limit keeps what was measured
+                            save_table(rows, args.out)
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
     return rows
+
+
+TABLE_KEYS = ["dtype", "b", "h", "n", "fusion", "mode", "provider", "ms", "gbs", "hbm", "tflops", "peak_mib",
+              "maxdiff", "skipped"]
+
+
+def save_table(rows, out):
+    with open(os.path.join(out, "kernels.csv"), "w", newline="") as fh:
+        w = csv.DictWriter(fh, TABLE_KEYS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k) for k in TABLE_KEYS})
+    with open(os.path.join(out, "kernels.partial.json"), "w") as fh:
+        json.dump(rows, fh, indent=1)
 
 
 def format_row(r):
@@ -392,13 +408,7 @@ def main(argv=None):
     with open(os.path.join(args.out, "kernels.json"), "w") as fh:
         json.dump(result, fh, indent=1)
     if rows:
-        keys = ["dtype", "b", "h", "n", "fusion", "mode", "provider", "ms", "gbs", "hbm", "tflops", "peak_mib",
-                "maxdiff", "skipped"]
-        with open(os.path.join(args.out, "kernels.csv"), "w", newline="") as fh:
-            w = csv.DictWriter(fh, keys)
-            w.writeheader()
-            for r in rows:
-                w.writerow({k: r.get(k) for k in keys})
+        save_table(rows, args.out)
         plot(rows, os.path.join(args.out, "kernels.png"))
     return result
 

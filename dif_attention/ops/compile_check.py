@@ -48,7 +48,7 @@ def compile_case(dtype: str, e: int, ev: int, arch: int, smem_limit: int) -> lis
     from triton.compiler import ASTSource
 
     from . import gate_kernel, kernels
-    from .attention_op import pick_block
+    from .attention_op import dot_precision, pick_block
 
     target = GPUTarget("cuda", arch, 32)
     blk = pick_block(64, e, ev, getattr(torch, _TORCH[dtype]))
@@ -58,7 +58,7 @@ def compile_case(dtype: str, e: int, ev: int, arch: int, smem_limit: int) -> lis
                 B1="*fp32", W2="*fp32", B2="*fp32", Out="*fp32", DE="*fp32", DW1="*fp32", DB1="*fp32",
                 DW2="*fp32")
     flags = dict(BE=pw(e), BEV=pw(ev), BLOCK_M=blk, BLOCK_N=blk, CAUSAL=True, HAS_BIAS=True, HAS_LEN=True,
-                 HAS_MASK=True, DROPOUT=True, PREC="ieee" if dtype == "fp32" else "tf32")
+                 HAS_MASK=True, DROPOUT=True, PREC=dot_precision(getattr(torch, _TORCH[dtype])))
     jobs = [(f, flags) for f in (kernels.attention_fwd, kernels.attention_bwd_dkdv, kernels.attention_bwd_dq,
                                  kernels.attention_bwd_dbias)]
     jobs.append((kernels.attention_bwd_delta, dict(BEV=pw(ev), BLOCK_M=blk)))

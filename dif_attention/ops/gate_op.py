@@ -20,6 +20,7 @@ import triton
 from torch import Tensor
 
 from . import gate_kernel
+from .attention_op import dot_precision
 
 __all__ = ["gate_energy", "paper_gates"]
 
@@ -32,7 +33,7 @@ def gate_energy(q: Tensor, k: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Te
     block_n = max(16, min(64, triton.next_power_of_2(n)))
     gate_kernel.gate_energy[(triton.cdiv(n, block_m), bb * h)](
         q, k, w1, b1, w2, b2, out, n, E=e, BE=max(16, triton.next_power_of_2(e)), BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_H=block_n, PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)
+        BLOCK_N=block_n, BLOCK_H=block_n, PREC=dot_precision(q.dtype), num_warps=4)
     return out
 
 
@@ -66,7 +67,7 @@ def gate_energy_backward(grad: Tensor, q: Tensor, k: Tensor, w1: Tensor, b1: Ten
     gate_kernel.gate_energy_bwd[(groups,)](
         q, k, w1, b1, w2, grad.contiguous(), dq, dk, dw1, db1, dw2, bh, n, rows, e,
         BE=max(16, triton.next_power_of_2(e)), BL=max(16, triton.next_power_of_2(n)),
-        PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)
+        PREC=dot_precision(q.dtype), num_warps=4)
     return dq, dk, dw1.sum(0), db1.sum(0), dw2.sum(0)
 
 
