@@ -69,6 +69,7 @@ class TrainConfig:
     lamb: float = 10.0
     aap: bool = False  # SASRecF only: add the attribute predictors (the paper's "w/o DIF" ablation)
     lr: float = 1e-3
+    optimizer: str = "adam"  # or "sgd" (plain SGD: used by the DDP test, where Adam would hide a gradient scale)
     weight_decay: float = 0.0
     batch_size: int = 256
     eval_batch_size: int = 512
@@ -287,7 +288,11 @@ def run(dataset, model_name: str, cfg: TrainConfig) -> dict:
     model = core
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(core, find_unused_parameters=core.has_aap and not cfg.lamb)
-    opt = torch.optim.Adam(core.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer not in ("adam", "sgd"):
+        raise ValueError(f"optimizer: expected 'adam' or 'sgd', got {cfg.optimizer!r}")
+    params = [p for p in core.parameters() if p.requires_grad]
+    opt = (torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if cfg.optimizer == "adam" else
+           torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
     inputs, targets = training_arrays(dataset, core, cfg)
     valid = dataset.split("valid", cfg.max_len)
     test = dataset.split("test", cfg.max_len)

@@ -1,5 +1,6 @@
 """torchrun with 2 CPU processes (gloo) gives the same losses and metrics as one process on the same
-global batches: the DDP path splits each global batch, scales the loss, and shards evaluation."""
+global batches: the DDP path splits each global batch, scales the loss, and shards evaluation.
+Plain SGD, so that a wrong gradient scale changes the later losses (Adam would hide it)."""
 import json
 import os
 import subprocess
@@ -23,7 +24,7 @@ ds = synthetic()
 out = {{}}
 for name in ("DIFSASRec", "BERT4Rec"):
     cfg = TrainConfig(dim=16, heads=2, layers=1, attr_dim=8, max_len=12, batch_size=32, dropout=0.0,
-                      attn_dropout=0.0, epochs=2, lr=1e-2, lamb=1.0, save=False, progress=False, log=False)
+                      attn_dropout=0.0, epochs=3, lr=0.5, optimizer="sgd", lamb=1.0, save=False, progress=False, log=False)
     r = run(ds, name, cfg)
     out[name] = {{"loss": [h["loss"] for h in r["history"]], "test": r["test"], "world": r["world_size"]}}
 if not dist.is_initialized() or dist.get_rank() == 0:
