@@ -49,6 +49,7 @@ def compile_case(dtype: str, e: int, ev: int, arch: int, smem_limit: int) -> lis
 
     from . import gate_kernel, kernels
     from .attention_op import dot_precision, pick_block
+    from .gate_op import gate_blocks
 
     target = GPUTarget("cuda", arch, 32)
     blk = pick_block(64, e, ev, getattr(torch, _TORCH[dtype]))
@@ -62,8 +63,8 @@ def compile_case(dtype: str, e: int, ev: int, arch: int, smem_limit: int) -> lis
     jobs = [(f, flags) for f in (kernels.attention_fwd, kernels.attention_bwd_dkdv, kernels.attention_bwd_dq,
                                  kernels.attention_bwd_dbias)]
     jobs.append((kernels.attention_bwd_delta, dict(BEV=pw(ev), BLOCK_M=blk)))
-    jobs.append((gate_kernel.gate_energy, dict(BE=pw(e), BLOCK_M=32, BLOCK_N=64, BLOCK_H=64,
-                                               PREC=flags["PREC"])))
+    gm, gn = gate_blocks(64, e, getattr(torch, _TORCH[dtype]))
+    jobs.append((gate_kernel.gate_energy, dict(BE=pw(e), BLOCK_M=gm, BLOCK_N=gn, BLOCK_H=gn, PREC=flags["PREC"])))
     jobs.append((gate_kernel.gate_energy_bwd, dict(BE=pw(min(e, 128)), BL=64, PREC=flags["PREC"])))
     fp32_grads = {**ptrs, "DQ": "*fp32", "DK": "*fp32"}  # the energy backward writes fp32 dq/dk
     out = []

@@ -29,12 +29,20 @@ __all__ = ["gate_energy", "paper_gates"]
 def gate_energy(q: Tensor, k: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
     bb, h, n, e = q.shape
     out = torch.empty(bb, h, n, device=q.device, dtype=torch.float32)
-    block_m = 16 if n <= 16 else 32
-    block_n = max(16, min(64, triton.next_power_of_2(n)))
+    block_m, block_n = gate_blocks(n, e, q.dtype)
     gate_kernel.gate_energy[(triton.cdiv(n, block_m), bb * h)](
         q, k, w1, b1, w2, b2, out, n, E=e, BE=max(16, triton.next_power_of_2(e)), BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_H=block_n, PREC=dot_precision(q.dtype), num_warps=4)
     return out
+
+
+def gate_blocks(n: int, e: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(query rows, key/hidden chunk) of the energy forward. Wide fp32 rows get smaller tiles: the sm_90
+    compile of fp32 width 512 at (16, 64) needed 288 KiB of shared memory (limit 227 KiB)."""
+    row_bytes = max(16, triton.next_power_of_2(e)) * (4 if dtype == torch.float32 else 2)
+    block_m = 16 if n <= 16 or row_bytes > 512 else 32
+    block_n = max(16, min(64 if row_bytes <= 512 else 32, triton.next_power_of_2(n)))
+    return block_m, block_n
 
 
 @gate_energy.register_fake
