@@ -24,6 +24,7 @@ become one shared ``(h, n, n)`` score bias computed once instead of once per bat
 from __future__ import annotations
 
 import math
+import os
 from typing import Sequence
 
 import torch
@@ -199,8 +200,8 @@ def decoupled_attention(queries: Sequence[Tensor], keys: Sequence[Tensor], value
         dropout_p: dropout on the attention probabilities (pass 0 in eval mode).
         backend: ``"torch"`` (the oracle: one score matrix per source), ``"sdpa"`` (one fused SDPA call),
             ``"math"`` (one materialised score matrix over the folded q/k), ``"triton"`` (the fused kernel,
-            CUDA), or ``"auto"`` (the fastest correct path available: triton on CUDA when installed, else
-            sdpa; on CPU with gradients, math).
+            CUDA), or ``"auto"`` (sdpa; on CPU with gradients and ``n <= 128``, math; triton on CUDA only
+            with ``DIF_ATTENTION_TRITON=1`` until the kernels are validated on a GPU).
         check_finite: raise ``DIFError`` on NaN/inf inputs.
 
     Returns ``(b, h, n, e_v)``. Query rows with no allowed key return zeros.
@@ -234,7 +235,10 @@ MATH_MAX_N = 128
 
 
 def _triton_usable(value: Tensor) -> bool:
-    if not value.is_cuda:
+    """``"auto"`` picks the Triton kernels only on CUDA and, until they have been validated on a GPU
+    (benchmarks/gpu_check.sh; none was available when they were written), only when the user opts in
+    with ``DIF_ATTENTION_TRITON=1``. ``backend="triton"`` always uses them."""
+    if not value.is_cuda or os.environ.get("DIF_ATTENTION_TRITON") != "1":
         return False
     try:
         from . import ops
