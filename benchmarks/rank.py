@@ -153,7 +153,7 @@ def measure(forward, ids, lengths, widths, batch: int = 64) -> dict:
                                                             valid_norms(maps, ln, name)))
     num, loose, eff = torch.cat(num, 1), torch.cat(loose, 1), torch.cat(eff, 1)
     out = summarize(num)
-    if set(per_source) - {"item", "fused"}:  # decoupled: each source's own rank and size (Frobenius norm of its valid block)
+    if set(per_source) - {"item", "fused"}:  # decoupled: each source's own rank and size (Frobenius norm)
         out["sources"] = {name: {"rank": float(torch.cat([r for r, _ in v], 1).mean()),
                                  "norm": float(torch.cat([f for _, f in v], 1).mean())}
                           for name, v in per_source.items()}
@@ -198,7 +198,8 @@ def table(rows) -> str:
 
 def source_table(rows) -> str:
     """DIF rows only: rank and mean Frobenius norm of each source's score block, and of the fused block."""
-    lines = ["| setting | source | mean rank | mean norm of the score block | norm / item norm |", "|---|---|---|---|---|"]
+    lines = ["| setting | source | mean rank | mean norm of the score block | norm / item norm |",
+             "|---|---|---|---|---|"]
     for r in rows:
         for name, v in r.get("sources", {}).items():
             ratio = v["norm"] / r["sources"]["item"]["norm"] if r["sources"]["item"]["norm"] else float("nan")
