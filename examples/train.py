@@ -71,7 +71,7 @@ class TrainConfig:
     lr: float = 1e-3
     optimizer: str = "adam"  # or "sgd" (plain SGD: used by the DDP test, where Adam would hide a gradient scale)
     weight_decay: float = 0.0
-    batch_size: int = 256
+    batch_size: int = 64
     eval_batch_size: int = 512
     epochs: int = 30
     eval_every: int = 1
