@@ -121,7 +121,7 @@ def block_ranks(scores: Tensor, lengths: Tensor | None = None, *, measure: str =
     for length in torch.unique(lengths).tolist():
         rows = (lengths == length).nonzero().flatten()
         block = scores[rows][..., :length, :length]
-        out[rows] = _measure(block, measure, None if rtol is None else rtol)
+        out[rows] = _measure(block, measure, rtol)
     return out
 
 
