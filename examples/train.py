@@ -73,7 +73,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     batch_size: int = 64
     eval_batch_size: int = 512
-    epochs: int = 30
+    epochs: int = 20
     eval_every: int = 1
     patience: int = 5
     train_mode: str = "all"
