@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from examples.cli import config_from_args, machine, parser, table  # noqa: E402
@@ -47,6 +49,8 @@ def main(argv=None):
         for k, (m, ch, what) in VARIANTS.items():
             print(f"{k:18s} {m:10s} {ch}  {what}")
         return []
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg = config_from_args(args)
     rank, world = dist_info()
     names = [v for v in args.variants.split(",") if v]
