@@ -17,6 +17,7 @@ Usage::
 
     python benchmarks/recbole_compare.py --epochs 10 --threads 2          # writes runs/recbole_compare.{md,json}
     python benchmarks/recbole_compare.py --skip-recbole --recbole-json old.json   # reuse a RecBole measurement
+    python benchmarks/recbole_compare.py --estimate-steps 4 --threads 2   # no RecBole: extrapolate our prefix epoch
 
 Without RecBole installed the script prints these instructions and exits with status 2.
 """
@@ -105,6 +106,38 @@ def measure_ours(mode: str, epochs: int, seed: int, target: float | None, batch_
             "best_valid_ndcg10": max(valid), "time_to_target": reach, "test": r["test"]}
 
 
+def estimate_prefix_epoch(models: list[str], steps: int) -> list[dict]:
+    """Without RecBole: time ``steps`` training steps (after one warm-up step) of our one-sample-per-prefix
+    epoch (batch 2048) and extrapolate to a whole epoch; CPU time is reported too (less sensitive to a
+    busy machine than wall time)."""
+    import torch
+    from examples.data import load_dataset
+    from examples.models import build_model
+    from examples.train import TrainConfig, batch_loss, epoch_batches, trim_width
+    ds = load_dataset("ml-100k")
+    x, y = ds.prefix_samples(50)
+    out = []
+    for name in models:
+        cfg = TrainConfig(batch_size=2048, train_mode="prefix")
+        model = build_model(name, ds.info, **cfg.model_kwargs())
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        batches = epoch_batches(x, cfg, torch.Generator().manual_seed(0))
+        for i, idx in enumerate(batches[:steps + 1]):
+            if i == 1:
+                c0, w0 = time.process_time(), time.perf_counter()
+            w = trim_width(x[idx], cfg)
+            loss, _ = batch_loss(model, model, (x[idx, :w], y[idx]), cfg, ds.tables, torch.Generator(), 0, 1)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        cpu, wall = (time.process_time() - c0) / steps, (time.perf_counter() - w0) / steps
+        out.append({"model": name, "steps_per_epoch": len(batches), "cpu_per_step": cpu, "wall_per_step": wall,
+                    "cpu_per_epoch": cpu * len(batches), "wall_per_epoch": wall * len(batches)})
+        print(f"{name}: {len(batches)} steps/epoch; per step CPU {cpu:.2f} s, wall {wall:.2f} s -> epoch CPU "
+              f"{cpu * len(batches):.0f} s, wall {wall * len(batches):.0f} s", flush=True)
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=10, help="epochs for RecBole and for our prefix run")
@@ -114,10 +147,15 @@ def main(argv=None):
     p.add_argument("--skip-recbole", action="store_true", help="do not run RecBole; needs --recbole-json")
     p.add_argument("--recbole-json", default=None, help="a previous RecBole measurement (this script's JSON)")
     p.add_argument("--out", default=str(ROOT / "runs" / "recbole_compare"))
+    p.add_argument("--estimate-steps", type=int, default=0,
+                   help="no RecBole: time this many steps of our prefix epoch (SASRec, DIFSASRec) and extrapolate")
     args = p.parse_args(argv)
     import torch
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.estimate_steps:
+        estimate_prefix_epoch(["SASRec", "DIFSASRec"], args.estimate_steps)
+        return 0
     from examples.data import fetch_ml100k
     if args.skip_recbole:
         if not args.recbole_json:
