@@ -48,6 +48,26 @@ class AttributePredictor(nn.Module):
             fail("h", f"last dim {self.dim} (= dim)", h.shape)
         return {a: head(h) for a, head in self.heads.items()}
 
+    @torch.no_grad()
+    def init_prior_(self, rates: Mapping[str, Tensor], *, eps: float = 1e-4) -> "AttributePredictor":
+        """Start each head at the label prior: bias ``b_c = log(p_c / (1 - p_c))`` with ``p_c`` the rate
+        at which class ``c`` is positive (``rates[name]``: ``(num_classes[name],)`` in ``[0, 1]``, clamped to
+        ``[eps, 1 - eps]``). With zero biases (the reference's init) every logit starts at 0, so the BCE
+        first spends many steps pushing all ``V`` logits down through the shared representation; starting
+        at the prior removes that transient. Returns ``self``."""
+        if set(rates) != set(self.heads):
+            fail("rates", f"the attributes {sorted(self.heads)}", f"keys {sorted(rates)}")
+        for a, head in self.heads.items():
+            p = rates[a]
+            check_tensor(f"rates[{a!r}]", p, floating=True)
+            if p.shape != (self.num_classes[a],):
+                fail(f"rates[{a!r}]", f"shape ({self.num_classes[a]},)", p.shape)
+            if p.numel() and (bool((p < 0).any()) or bool((p > 1).any()) or bool(p.isnan().any())):
+                fail(f"rates[{a!r}]", "rates in [0, 1]", f"values in [{float(p.min())}, {float(p.max())}]")
+            p = p.to(head.bias).clamp(eps, 1 - eps)
+            head.bias.copy_(torch.log(p) - torch.log1p(-p))
+        return self
+
     def loss(self, logits: Mapping[str, Tensor], targets: Mapping[str, Tensor], *, valid: Tensor | None = None,
              pad_id: int = 0) -> dict[str, Tensor]:
         """Per-attribute BCE, see :func:`aap_loss`."""

@@ -43,7 +43,7 @@ try:
 except ImportError:  # pragma: no cover
     tqdm = None
 
-from dif_attention import aap_loss
+from dif_attention import aap_loss, multi_hot
 
 from .models import build_model
 
@@ -67,6 +67,7 @@ class TrainConfig:
     trainable_attributes: bool = True
     attr_init_std: float = 0.02
     lamb: float = 10.0
+    aap_init: str = "prior"  # AAP head biases: "prior" (log-odds of each label's training rate) or "zero" (reference)
     aap: bool = False  # SASRecF only: add the attribute predictors (the paper's "w/o DIF" ablation)
     lr: float = 1e-3
     optimizer: str = "adam"  # or "sgd" (plain SGD: used by the DDP test, where Adam would hide a gradient scale)
@@ -210,6 +211,18 @@ def training_arrays(dataset, model, cfg: TrainConfig) -> tuple[np.ndarray, np.nd
     return seqs.numpy(), None
 
 
+def attribute_rates(items: np.ndarray, tables: dict, num_classes: dict) -> dict[str, Tensor]:
+    """Rate at which each attribute class is positive among the training targets ``items`` (item ids, 0 =
+    none): ``{name: (V,)}`` -- for :meth:`AttributePredictor.init_prior_`."""
+    ids = torch.from_numpy(np.asarray(items)[np.asarray(items) != 0]).long()
+    out = {}
+    for a, table in tables.items():
+        counts = torch.bincount(ids, minlength=table.shape[0]).double()
+        hot = multi_hot(table, num_classes[a]).double()  # (num_items + 1, V)
+        out[a] = (counts @ hot / max(len(ids), 1)).float()
+    return out
+
+
 def batch_loss(model, core, batch: tuple, cfg: TrainConfig, tables: dict, gen: torch.Generator, rank: int,
                world: int) -> tuple[Tensor, Tensor]:
     """Loss to backpropagate (scaled for DDP's gradient averaging) and the global-batch loss to report.
@@ -294,6 +307,11 @@ def run(dataset, model_name: str, cfg: TrainConfig) -> dict:
     opt = (torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if cfg.optimizer == "adam" else
            torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
     inputs, targets = training_arrays(dataset, core, cfg)
+    if cfg.aap_init not in ("prior", "zero"):
+        raise ValueError(f"aap_init: expected 'prior' or 'zero', got {cfg.aap_init!r}")
+    if core.has_aap and cfg.aap_init == "prior":
+        core.predictor.init_prior_(attribute_rates(inputs if targets is None else targets, dataset.tables,
+                                                   dataset.num_classes))
     valid = dataset.split("valid", cfg.max_len)
     test = dataset.split("test", cfg.max_len)
     out = run_dir(cfg, dataset.name, model_name)

@@ -1,11 +1,12 @@
 """DecoupledAttention, the encoder, embeddings and AAP heads."""
 import copy
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from dif_attention import (AttributeEmbedding, AttributePredictor, ConcatFusion, DecoupledAttention,
+from dif_attention import (DIFError, AttributeEmbedding, AttributePredictor, ConcatFusion, DecoupledAttention,
                            DecoupledEncoder, DecoupledEncoderLayer, GateFusion, aap_loss, causal_mask,
                            item_attribute_table, multi_hot, padding_mask, total_loss)
 from helpers import FUSIONS
@@ -177,6 +178,24 @@ def test_aap_loss_matches_hand_computation():
     item = torch.tensor(2.0)
     torch.testing.assert_close(total_loss(item, {"cat": loss}, lamb=10.0), item + 10 * loss)
     torch.testing.assert_close(total_loss(item, {"cat": loss}, lamb={"cat": 0.5}), item + 0.5 * loss)
+
+
+def test_aap_prior_init_starts_at_the_label_rates():
+    pred = AttributePredictor(8, {"cat": 4})
+    rates = torch.tensor([0.0, 0.5, 0.1, 1.0])  # pad column 0 and a class that is always on get clamped
+    assert pred.init_prior_({"cat": rates}, eps=1e-3) is pred
+    probs = torch.sigmoid(pred(torch.zeros(2, 8))["cat"])  # h = 0: the logits are the biases
+    torch.testing.assert_close(probs[0], torch.tensor([1e-3, 0.5, 0.1, 1 - 1e-3]))
+    # the BCE at the prior is the rates' entropy, below the zero-init's log 2 per label
+    y = torch.tensor([[0.0, 1, 0, 1], [0.0, 0, 0, 1]])
+    init = aap_loss(pred(torch.zeros(2, 8)), {"cat": y})["cat"]
+    assert init < math.log(2) - 0.2
+    with pytest.raises(DIFError, match=r"^rates\['cat'\]: expected shape \(4,\), got"):
+        pred.init_prior_({"cat": torch.full((3,), 0.5)})
+    with pytest.raises(DIFError, match=r"^rates\['cat'\]: expected rates in \[0, 1\]"):
+        pred.init_prior_({"cat": torch.tensor([0.0, 1.5, 0.1, 0.2])})
+    with pytest.raises(DIFError, match=r"^rates: expected the attributes \['cat'\]"):
+        pred.init_prior_({"brand": rates})
 
 
 def test_deepcopy_and_state_dict_roundtrip():

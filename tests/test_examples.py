@@ -105,3 +105,21 @@ def test_ablation_runner(tmp_path):
     assert (tmp_path / "runs" / "toy" / "SASRecF-wo_dif" / "seed0" / "result.json").exists()
     md = (tmp_path / "a.md").read_text()
     assert "| wo_dif | 1 |" in md and "frozen" in md
+
+
+def test_attribute_rates_and_prior_init(monkeypatch):
+    import numpy as np
+    import examples.train as train
+    tables = {"cat": torch.tensor([[0, 0], [1, 2], [2, 0], [3, 3]])}  # item 3 lists token 3 twice: counted once
+    items = np.array([[1, 2, 0], [3, 1, 0]])  # targets: items 1, 2, 3, 1 (0 = no target)
+    rates = train.attribute_rates(items, tables, {"cat": 4})["cat"]
+    torch.testing.assert_close(rates, torch.tensor([0.0, 2 / 4, 3 / 4, 1 / 4]))
+    ds = synthetic()
+    built = []
+    monkeypatch.setattr(train, "build_model", lambda *a, **k: built.append(build_model(*a, **k)) or built[-1])
+    for init in ("prior", "zero"):
+        run(ds, "DIFSASRec", TrainConfig(epochs=0, aap_init=init, save=False, progress=False, log=False))
+    prior, zero = (m.predictor.heads["residue"].bias for m in built)
+    assert not zero.any()
+    # 4 residues, each item has one: every class is positive for about a quarter of the targets
+    torch.testing.assert_close(torch.sigmoid(prior[1:]), torch.full((4,), 0.25), atol=0.05, rtol=0)
