@@ -37,6 +37,11 @@ VARIANTS = {
                           "Fig. 6: paper-exact gate (tied to max_len, reads the whole score row)"),
     "frozen_tables": ("DIFSASRec", {"trainable_attributes": False, "attr_init_std": 1.0},
                       "attribute tables frozen at N(0, 1), as the reference code effectively ran"),
+    "aap_zero_init": ("DIFSASRec", {"aap_init": "zero"},
+                      "AAP heads start with zero biases (the reference's init) instead of the label prior"),
+    "sasrecf_frozen": ("SASRecF", {"trainable_attributes": False, "attr_init_std": 1.0},
+                       "baseline SASRecF with its attribute tables frozen at N(0, 1): the RecBole bug the "
+                       "paper's SASRecF baseline ran with"),
 }
 
 

@@ -112,10 +112,10 @@ class SASRecF(SASRec):
     at ``dim`` (sum-pooled), then the stock encoder -- one fused stream."""
 
     def __init__(self, *, tables: dict, num_classes: dict, pooling: str = "sum", trainable_attributes: bool = True,
-                 aap: bool = False, **kw):
+                 attr_init_std: float = 0.02, aap: bool = False, **kw):
         super().__init__(**kw)
         self.attr_emb = AttributeEmbedding(num_classes, self.dim, pooling=pooling, item_tables=tables,
-                                           trainable=trainable_attributes)
+                                           trainable=trainable_attributes, init_std=attr_init_std)
         self.fuse = nn.Linear(self.dim * (1 + len(num_classes)), self.dim)
         self.has_aap = aap  # with AAP: the paper's "w/o DIF" ablation (early fusion + attribute predictors)
         self.predictor = AttributePredictor(self.dim, num_classes) if aap else None
@@ -158,10 +158,10 @@ class NOVA(SequenceModel):
     """NOVA-SASRec with ``sum`` fusion of the side information (position + attributes, each at ``dim``)."""
 
     def __init__(self, *, tables: dict, num_classes: dict, pooling: str = "sum", trainable_attributes: bool = True,
-                 **kw):
+                 attr_init_std: float = 0.02, **kw):
         super().__init__(**kw)
         self.attr_emb = AttributeEmbedding(num_classes, self.dim, pooling=pooling, item_tables=tables,
-                                           trainable=trainable_attributes)
+                                           trainable=trainable_attributes, init_std=attr_init_std)
         self.blocks = nn.ModuleList(NOVALayer(self.dim, self.heads, **self.enc_kwargs) for _ in range(self.layers))
         init_weights(self)
 
@@ -249,7 +249,7 @@ class DIFBERT4Rec(DIFMixin, BERT4Rec):
 MODELS = {"SASRec": SASRec, "SASRecF": SASRecF, "NOVA": NOVA, "DIFSASRec": DIFSASRec,
           "BERT4Rec": BERT4Rec, "DIFBERT4Rec": DIFBERT4Rec}
 ATTRIBUTE_MODELS = ("SASRecF", "NOVA", "DIFSASRec", "DIFBERT4Rec")
-DIF_KEYS = ("attr_dim", "fusion", "attr_init_std")
+DIF_KEYS = ("attr_dim", "fusion")
 
 
 def build_model(name: str, dataset_info: dict, **hparams) -> SequenceModel:
@@ -271,6 +271,6 @@ def build_model(name: str, dataset_info: dict, **hparams) -> SequenceModel:
             raise ValueError(f"model {name}: needs item attributes, the dataset has none")
         hp.update(tables=dataset_info["tables"], num_classes=dataset_info["num_classes"])
     else:
-        hp.pop("pooling", None)
-        hp.pop("trainable_attributes", None)
+        for key in ("pooling", "trainable_attributes", "attr_init_std"):
+            hp.pop(key, None)
     return MODELS[name](num_items=dataset_info["num_items"], **hp)
