@@ -123,3 +123,17 @@ def test_attribute_rates_and_prior_init(monkeypatch):
     assert not zero.any()
     # 4 residues, each item has one: every class is positive for about a quarter of the targets
     torch.testing.assert_close(torch.sigmoid(prior[1:]), torch.full((4,), 0.25), atol=0.05, rtol=0)
+
+
+def test_breakdown_reproduces_the_test_metric(tmp_path, capsys):
+    from examples import breakdown, sasrec
+    txt = write_s3rec(tmp_path)
+    res = sasrec.main(["--dataset", str(txt), "--epochs", "1", "--dim", "16", "--attr-dim", "8", "--max-len", "12",
+                       "--layers", "1", "--batch-size", "16", "--out-dir", str(tmp_path / "runs"), "--progress",
+                       "false", "--log", "false", "--models", "SASRec,DIFSASRec", "--results", str(tmp_path / "s")])
+    text = breakdown.main([str(tmp_path / "runs" / "toy"), "--dataset", str(txt), "--models", "SASRec,DIFSASRec",
+                           "--seeds", "0"])
+    for r in res:  # the rebuilt best checkpoint gives the run's own test NDCG@10 in the "all" column
+        row = next(line for line in text.splitlines() if line.startswith(f"| {r['model']} |"))
+        assert row.rstrip(" |").endswith(f"{r['test']['NDCG@10']:.4f}")
+        assert len(row.split("|")) == 3 + (len(breakdown.EDGES) - 1) + 2  # model, seeds, buckets, all

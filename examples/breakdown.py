@@ -1,0 +1,131 @@
+"""Where do two models differ? Test NDCG@10 / Recall@10 of finished runs, split by how often the test
+target item occurs in the users' histories (rare targets are where attributes should help most).
+
+Usage::
+
+    python examples/breakdown.py runs/beauty --models SASRec,SASRecF,DIFSASRec-prior --seeds 0,1,2
+    python examples/breakdown.py runs/beauty --models SASRec,DIFSASRec --png docs/img/beauty-breakdown.png
+
+Reads ``<folder>/<model>/seed<k>/{result.json,best.pt}`` (written by ``sasrec.py`` / ``ablation.py``), rebuilds
+each model from its recorded config and evaluates the best checkpoint on the test split again (full ranking,
+as in training). Prints a Markdown table: one row per model, mean over seeds per bucket of target frequency.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from examples.data import load_dataset  # noqa: E402
+from examples.models import build_model  # noqa: E402
+from examples.train import TrainConfig, append_item, lengths, rank_metrics  # noqa: E402
+
+EDGES = (0, 5, 10, 20, 50, 10**9)  # target-frequency buckets: (0, 5], (5, 10], ...
+
+
+@torch.no_grad()
+def per_user_metrics(model, hist: np.ndarray, targets: np.ndarray, batch_size: int = 512) -> dict[str, np.ndarray]:
+    """Recall@10 / NDCG@10 of every user (row), full ranking, in row order."""
+    model.eval()
+    out = {"Recall@10": np.zeros(len(hist)), "NDCG@10": np.zeros(len(hist))}
+    for s in range(0, len(hist), batch_size):
+        ids, tgt = torch.from_numpy(hist[s:s + batch_size]), torch.from_numpy(targets[s:s + batch_size])
+        if model.causal:
+            pos = lengths(ids) - 1
+        else:
+            ids, pos = append_item(ids, model.mask_id)
+        h = model(ids[:, :int(pos.max()) + 1])[torch.arange(len(ids)), pos]
+        m = rank_metrics(model.item_scores(h), tgt, (10,))
+        for k in out:
+            out[k][s:s + len(ids)] = m[k].numpy()
+    return out
+
+
+def load_run(folder: Path, dataset) -> torch.nn.Module:
+    result = json.loads((folder / "result.json").read_text())
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in result["config"].items() if k in fields})
+    model = build_model(result["model"], dataset.info, **cfg.model_kwargs())
+    model.load_state_dict(torch.load(folder / "best.pt", weights_only=True))
+    return model, cfg
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("folder", help="runs/<dataset>")
+    p.add_argument("--dataset", default=None, help="dataset name (default: the folder's name)")
+    p.add_argument("--models", required=True, help="comma-separated run folders, e.g. SASRec,DIFSASRec-prior")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--png", default=None, help="also plot NDCG@10 per bucket to this PNG (needs matplotlib)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    folder = Path(args.folder)
+    ds = load_dataset(args.dataset or folder.name)
+    models, seeds = args.models.split(","), [int(s) for s in args.seeds.split(",")]
+    counts = None
+    rows = {}
+    for name in models:
+        per_seed = []
+        for seed in seeds:
+            run = folder / name / f"seed{seed}"
+            if not (run / "best.pt").exists():
+                print(f"skipping {run}: no best.pt", file=sys.stderr)
+                continue
+            model, cfg = load_run(run, ds)
+            hist, tgt = ds.split("test", cfg.max_len)
+            if counts is None:
+                counts = np.bincount(hist[hist != 0], minlength=ds.num_items + 1)
+                bucket = np.digitize(counts[tgt], EDGES[1:-1], right=True)
+            per_seed.append(per_user_metrics(model, hist, tgt))
+        if per_seed:
+            rows[name] = per_seed
+    if not rows:
+        p.error("no finished runs found")
+    labels = [f"({lo}, {hi}]" if hi < 10**9 else f"> {lo}" for lo, hi in zip(EDGES[:-1], EDGES[1:])]
+    sizes = [int((bucket == b).sum()) for b in range(len(labels))]
+    head = "| model | seeds | " + " | ".join(f"{lab} ({n} users)" for lab, n in zip(labels, sizes)) + " | all |"
+    lines = ["Test NDCG@10 by how often the target item occurs in the test histories (mean over seeds).", "",
+             head, "|---|---|" + "---|" * (len(labels) + 1)]
+    curves = {}
+    for name, per_seed in rows.items():
+        cells = []
+        for b in range(len(labels)):
+            vals = [m["NDCG@10"][bucket == b].mean() for m in per_seed] if sizes[b] else [np.nan]
+            cells.append(float(np.mean(vals)))
+        curves[name] = cells
+        overall = float(np.mean([m["NDCG@10"].mean() for m in per_seed]))
+        lines.append(f"| {name} | {len(per_seed)} | " + " | ".join("-" if np.isnan(c) else f"{c:.4f}" for c in cells) + f" | {overall:.4f} |")
+    text = "\n".join(lines) + f"\n\nCommand: `python {' '.join(sys.argv)}`\n"
+    print(text)
+    if args.png:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(7, 4))
+        x = np.arange(len(labels))
+        width = 0.8 / len(curves)
+        for i, (name, cells) in enumerate(curves.items()):
+            ax.bar(x + i * width - 0.4 + width / 2, cells, width, label=name)
+        ax.set_xticks(x, [f"{lab}\n{n} users" for lab, n in zip(labels, sizes)])
+        ax.set_xlabel("occurrences of the test target in the histories")
+        ax.set_ylabel("test NDCG@10")
+        ax.set_title(f"{ds.name}: NDCG@10 by target frequency")
+        ax.legend()
+        fig.tight_layout()
+        Path(args.png).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(args.png, dpi=120)
+        print(f"wrote {args.png}")
+    return text
+
+
+if __name__ == "__main__":
+    main()
