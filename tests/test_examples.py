@@ -137,3 +137,7 @@ def test_breakdown_reproduces_the_test_metric(tmp_path, capsys):
         row = next(line for line in text.splitlines() if line.startswith(f"| {r['model']} |"))
         assert row.rstrip(" |").endswith(f"{r['test']['NDCG@10']:.4f}")
         assert len(row.split("|")) == 3 + (len(breakdown.EDGES) - 1) + 2  # model, seeds, buckets, all
+    from examples import report
+    png = tmp_path / "curves.png"
+    md = report.main([str(tmp_path / "runs" / "toy"), "--curves", str(png)])
+    assert "| DIFSASRec | 1 |" in md and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
