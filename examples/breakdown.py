@@ -1,4 +1,4 @@
-"""Where do two models differ? Test NDCG@10 / Recall@10 of finished runs, split by how often the test
+"""Where do two models differ? Test NDCG@10 of finished runs, split by how often the test
 target item occurs in the users' histories (rare targets are where attributes should help most).
 
 Usage::
@@ -25,30 +25,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from examples.data import load_dataset  # noqa: E402
 from examples.models import build_model  # noqa: E402
-from examples.train import TrainConfig, append_item, lengths, rank_metrics  # noqa: E402
+from examples.train import TrainConfig, batch_metrics  # noqa: E402
 
 EDGES = (0, 5, 10, 20, 50, 10**9)  # target-frequency buckets: (0, 5], (5, 10], ...
 
 
-@torch.no_grad()
 def per_user_metrics(model, hist: np.ndarray, targets: np.ndarray, batch_size: int = 512) -> dict[str, np.ndarray]:
-    """Recall@10 / NDCG@10 of every user (row), full ranking, in row order."""
+    """NDCG@10 of every user (row), full ranking, in row order."""
     model.eval()
-    out = {"Recall@10": np.zeros(len(hist)), "NDCG@10": np.zeros(len(hist))}
-    for s in range(0, len(hist), batch_size):
-        ids, tgt = torch.from_numpy(hist[s:s + batch_size]), torch.from_numpy(targets[s:s + batch_size])
-        if model.causal:
-            pos = lengths(ids) - 1
-        else:
-            ids, pos = append_item(ids, model.mask_id)
-        h = model(ids[:, :int(pos.max()) + 1])[torch.arange(len(ids)), pos]
-        m = rank_metrics(model.item_scores(h), tgt, (10,))
-        for k in out:
-            out[k][s:s + len(ids)] = m[k].numpy()
-    return out
+    parts = [batch_metrics(model, hist[s:s + batch_size], targets[s:s + batch_size], ks=(10,))["NDCG@10"]
+             for s in range(0, len(hist), batch_size)]
+    return {"NDCG@10": torch.cat(parts).numpy()}
 
 
-def load_run(folder: Path, dataset) -> torch.nn.Module:
+def load_run(folder: Path, dataset) -> tuple[torch.nn.Module, TrainConfig]:
     result = json.loads((folder / "result.json").read_text())
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in result["config"].items() if k in fields})

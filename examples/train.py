@@ -47,7 +47,7 @@ from dif_attention import aap_loss, multi_hot
 
 from .models import build_model
 
-__all__ = ["TrainConfig", "run", "evaluate", "rank_metrics", "append_item", "KS"]
+__all__ = ["TrainConfig", "run", "evaluate", "batch_metrics", "rank_metrics", "append_item", "KS"]
 
 KS = (10, 20)
 
@@ -166,6 +166,21 @@ def rank_metrics(scores: Tensor, targets: Tensor, ks=KS) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
+def batch_metrics(model, hist: np.ndarray, targets: np.ndarray, *, ks=KS, trim: bool = True) -> dict[str, Tensor]:
+    """Per-row Recall@K / NDCG@K of one batch of users (full ranking; ``model`` in eval mode). Causal models
+    read the last history position; masked models get ``[MASK]`` appended. ``trim`` drops all-padding columns."""
+    ids, tgt = torch.from_numpy(hist), torch.from_numpy(targets)
+    if model.causal:
+        pos = lengths(ids) - 1
+    else:
+        ids, pos = append_item(ids, model.mask_id)
+    if trim:
+        ids = ids[:, :int(pos.max()) + 1]
+    h = model(ids)[torch.arange(len(ids)), pos]
+    return rank_metrics(model.item_scores(h), tgt, ks)
+
+
+@torch.no_grad()
 def evaluate(model, hist: np.ndarray, targets: np.ndarray, *, batch_size: int = 512, rank: int = 0,
              world: int = 1, ks=KS, trim: bool = True) -> dict[str, float]:
     """Mean Recall@K / NDCG@K over users (rows of ``hist``), full ranking; sharded over processes.
@@ -178,16 +193,7 @@ def evaluate(model, hist: np.ndarray, targets: np.ndarray, *, batch_size: int = 
     names = [f"{m}@{k}" for k in ks for m in ("Recall", "NDCG")]
     for start in range(0, len(rows), batch_size):
         idx = rows[start:start + batch_size]
-        ids, tgt = torch.from_numpy(hist[idx]), torch.from_numpy(targets[idx])
-        if model.causal:
-            pos = lengths(ids) - 1
-        else:
-            ids, pos = append_item(ids, model.mask_id)
-        if trim:
-            ids = ids[:, :int(pos.max()) + 1]
-        h = model(ids)
-        h = h[torch.arange(len(ids)), pos]
-        m = rank_metrics(model.item_scores(h), tgt, ks)
+        m = batch_metrics(model, hist[idx], targets[idx], ks=ks, trim=trim)
         sums[:-1] += torch.stack([m[n].sum().double() for n in names])
         sums[-1] += len(idx)
     sums = all_sum(sums, world)
@@ -214,7 +220,8 @@ def training_arrays(dataset, model, cfg: TrainConfig) -> tuple[np.ndarray, np.nd
 def attribute_rates(items: np.ndarray, tables: dict, num_classes: dict) -> dict[str, Tensor]:
     """Rate at which each attribute class is positive among the training targets ``items`` (item ids, 0 =
     none): ``{name: (V,)}`` -- for :meth:`AttributePredictor.init_prior_`."""
-    ids = torch.from_numpy(np.asarray(items)[np.asarray(items) != 0]).long()
+    items = np.asarray(items)
+    ids = torch.from_numpy(items[items != 0]).long()
     out = {}
     for a, table in tables.items():
         counts = torch.bincount(ids, minlength=table.shape[0]).double()
