@@ -83,9 +83,16 @@ class SequenceModel(nn.Module):
             raise ValueError(f"ids: expected at most max_len={self.max_len} positions, got {n}")
         return self.pos_emb.weight[:n]  # (n, dim)
 
+    def output_layer(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(h', weight, bias)`` with ``item_scores(h) = h' @ weight.T (+ bias)``: ``weight`` is the tied item
+        table ``(num_items + 1, dim)``; the training loss uses this to fuse the full-softmax output layer."""
+        return h, self.item_emb.weight[: self.num_items + 1], None
+
     def item_scores(self, h: Tensor) -> Tensor:
         """``(..., dim)`` -> scores over item ids ``0..num_items`` ``(..., num_items + 1)`` (tied table)."""
-        return h @ self.item_emb.weight[: self.num_items + 1].T
+        h, weight, bias = self.output_layer(h)
+        scores = h @ weight.T
+        return scores if bias is None else scores + bias
 
     def attribute_logits(self, h: Tensor):
         return None
@@ -229,8 +236,8 @@ class BERT4Rec(SASRec):
         self.out_bias = nn.Parameter(torch.zeros(self.num_items + 1))
         init_weights(self)
 
-    def item_scores(self, h: Tensor) -> Tensor:
-        return self.head(h) @ self.item_emb.weight[: self.num_items + 1].T + self.out_bias
+    def output_layer(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        return self.head(h), self.item_emb.weight[: self.num_items + 1], self.out_bias
 
 
 class DIFBERT4Rec(DIFMixin, BERT4Rec):

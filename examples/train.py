@@ -35,7 +35,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 
 try:
@@ -56,6 +55,7 @@ KS = (10, 20)
 class TrainConfig:
     """Every knob of a run (keyword configuration; CLI flags mirror these names)."""
     dim: int = 64
+    ff_dim: int = 0  # feed-forward inner width; 0 = 4 * dim
     layers: int = 2
     heads: int = 2
     attr_dim: int = 64
@@ -70,6 +70,7 @@ class TrainConfig:
     aap_init: str = "prior"  # AAP head biases: "prior" (log-odds of each label's training rate) or "zero" (reference)
     aap: bool = False  # SASRecF only: add the attribute predictors (the paper's "w/o DIF" ablation)
     lr: float = 1e-3
+    warmup: int = 0  # optimiser steps of linear learning-rate warm-up from 0 (0 = none)
     optimizer: str = "adam"  # or "sgd" (plain SGD: used by the DDP test, where Adam would hide a gradient scale)
     weight_decay: float = 0.0
     batch_size: int = 64
@@ -83,6 +84,7 @@ class TrainConfig:
     ft_ratio: float = 0.5
     seed: int = 0
     backend: str = "auto"
+    precision: str = "fp32"  # training matmuls in "fp32" or "bf16" (CPU/CUDA autocast); evaluation is always fp32
     max_train_seconds: float = 0.0
     out_dir: str = "runs"
     resume: bool = False
@@ -92,7 +94,7 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)
 
     def model_kwargs(self) -> dict:
-        return dict(dim=self.dim, layers=self.layers, heads=self.heads, attr_dim=self.attr_dim,
+        return dict(dim=self.dim, ff_dim=self.ff_dim or None, layers=self.layers, heads=self.heads, attr_dim=self.attr_dim,
                     max_len=self.max_len, dropout=self.dropout, attn_dropout=self.attn_dropout,
                     fusion=self.fusion, pooling=self.pooling, trainable_attributes=self.trainable_attributes,
                     attr_init_std=self.attr_init_std, backend=self.backend, aap=self.aap)
@@ -230,6 +232,55 @@ def attribute_rates(items: np.ndarray, tables: dict, num_classes: dict) -> dict[
     return out
 
 
+class _FullSoftmaxCE(torch.autograd.Function):
+    """``sum_r CE(h_r @ weight.T + bias, target_r)``. The forward works through row chunks (the float32 softmax
+    of a chunk stays small and in cache) and stores only the gradient of the logits, ``softmax - onehot``, in
+    ``dtype``; the backward is two matmuls. No ``(r, V)`` log-softmax buffer, no log-softmax backward pass."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, target, dtype, chunk):
+        hd, wd = h.to(dtype), weight.to(dtype)
+        acc = torch.promote_types(dtype, torch.float32)  # softmax statistics in float32 (float64 stays)
+        grad_logits = torch.empty(h.shape[0], weight.shape[0], dtype=dtype, device=h.device)
+        loss = h.new_zeros((), dtype=acc)
+        dbias = torch.zeros(weight.shape[0], dtype=acc, device=h.device) if bias is not None else None
+        for s in range(0, h.shape[0], chunk):
+            f = (hd[s:s + chunk] @ wd.T).to(acc)  # no copy when dtype is already acc
+            if bias is not None:
+                f += bias
+            f.sub_(f.amax(-1, keepdim=True))
+            t = target[s:s + chunk, None]
+            picked = f.gather(1, t)
+            total = f.exp_().sum(-1, keepdim=True)
+            loss += (total.log() - picked).sum()
+            f.div_(total).scatter_add_(1, t, torch.full_like(picked, -1.0))
+            if dbias is not None:
+                dbias += f.sum(0)
+            grad_logits[s:s + chunk] = f
+        ctx.save_for_backward(hd, wd, grad_logits, dbias)
+        ctx.dtypes = (h.dtype, weight.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        hd, wd, g, dbias = ctx.saved_tensors
+        dh = ((g @ wd) * grad).to(ctx.dtypes[0])  # the (r, V) buffer is scaled through the small outputs
+        dw = ((g.T @ hd) * grad).to(ctx.dtypes[1])
+        dbias = None if dbias is None else (dbias * grad).to(ctx.dtypes[1])
+        return dh, dw, dbias, None, None, None
+
+
+def full_softmax_cross_entropy(h: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor) -> Tensor:
+    """Summed cross-entropy of ``h (r, d)`` against all ``V`` items of ``weight (V, d)`` (+ ``bias (V,)``).
+
+    Equal to ``F.cross_entropy(h @ weight.T + bias, target, reduction="sum")`` up to float rounding; the matmuls
+    run in the autocast dtype when CPU/CUDA autocast is on (``--precision bf16``), the softmax in float32."""
+    dev = h.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+    with torch.autocast(dev, enabled=False):
+        return _FullSoftmaxCE.apply(h, weight, bias, target, dtype, max(1, (1 << 22) // weight.shape[0]))
+
+
 def batch_loss(model, core, batch: tuple, cfg: TrainConfig, tables: dict, gen: torch.Generator, rank: int,
                world: int) -> tuple[Tensor, Tensor]:
     """Loss to backpropagate (scaled for DDP's gradient averaging) and the global-batch loss to report.
@@ -252,7 +303,7 @@ def batch_loss(model, core, batch: tuple, cfg: TrainConfig, tables: dict, gen: t
     h = model(ids)
     sel = tgt != 0
     rows, y = h[sel], tgt[sel]  # (r, dim), (r,)
-    item = F.cross_entropy(core.item_scores(rows), y, reduction="sum") / global_count
+    item = full_softmax_cross_entropy(*core.output_layer(rows), y) / global_count
     loss = item
     if core.has_aap and cfg.lamb:
         logits = core.attribute_logits(rows)
@@ -314,6 +365,9 @@ def run(dataset, model_name: str, cfg: TrainConfig) -> dict:
     opt = (torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if cfg.optimizer == "adam" else
            torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
     inputs, targets = training_arrays(dataset, core, cfg)
+    if cfg.precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision: expected 'fp32' or 'bf16', got {cfg.precision!r}")
+    device = next(core.parameters()).device
     if cfg.aap_init not in ("prior", "zero"):
         raise ValueError(f"aap_init: expected 'prior' or 'zero', got {cfg.aap_init!r}")
     if core.has_aap and cfg.aap_init == "prior":
@@ -322,7 +376,7 @@ def run(dataset, model_name: str, cfg: TrainConfig) -> dict:
     valid = dataset.split("valid", cfg.max_len)
     test = dataset.split("test", cfg.max_len)
     out = run_dir(cfg, dataset.name, model_name)
-    state = {"epoch": 0, "best": -1.0, "best_epoch": 0, "bad": 0, "history": [], "train_seconds": 0.0,
+    state = {"epoch": 0, "step": 0, "best": -1.0, "best_epoch": 0, "bad": 0, "history": [], "train_seconds": 0.0,
              "time_to_best": 0.0}
     best_state = None
     if cfg.resume and (out / "last.pt").exists():
@@ -351,9 +405,14 @@ def run(dataset, model_name: str, cfg: TrainConfig) -> dict:
             batch = (inputs[idx, :width],) if targets is None else (inputs[idx, :width],
                                                                    targets[idx] if targets.ndim == 1 else
                                                                    targets[idx, :width])
-            loss, report = batch_loss(model, core, batch, cfg, tables, gen, rank, world)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                loss, report = batch_loss(model, core, batch, cfg, tables, gen, rank, world)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            state["step"] = state.get("step", 0) + 1
+            if cfg.warmup:
+                for group in opt.param_groups:
+                    group["lr"] = cfg.lr * min(1.0, state["step"] / cfg.warmup)
             opt.step()
             total += float(report)
             steps += 1

@@ -1,0 +1,87 @@
+"""The lean paper-scale step: the fused full-softmax loss, the ``--paper`` presets and the FLOP count of
+``benchmarks/paper_epoch.py``."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from example_helpers import synthetic  # noqa: E402
+from examples.cli import paper_config  # noqa: E402
+from examples.models import build_model  # noqa: E402
+from examples.train import TrainConfig, batch_loss, full_softmax_cross_entropy  # noqa: E402
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [1, 7, 50])
+def test_full_softmax_loss_matches_cross_entropy(bias, rows):
+    g = torch.Generator().manual_seed(rows)
+    h = torch.randn(rows, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2000, 16, generator=g, dtype=torch.float64, requires_grad=True)  # > one chunk of rows
+    b = torch.randn(2000, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
+    t = torch.randint(0, 2000, (rows,), generator=g)
+    ours = full_softmax_cross_entropy(h, w, b, t)
+    (3.0 * ours).backward()
+    got = [x.grad.clone() for x in (h, w, b) if x is not None]
+    for x in (h, w, b):
+        if x is not None:
+            x.grad = None
+    ref = F.cross_entropy(h @ w.T + (0 if b is None else b), t, reduction="sum")
+    (3.0 * ref).backward()
+    want = [x.grad for x in (h, w, b) if x is not None]
+    torch.testing.assert_close(ours, ref)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e)
+
+
+def test_full_softmax_loss_under_bf16_autocast_is_close():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(64, 32, generator=g, requires_grad=True)
+    w = (0.3 * torch.randn(500, 32, generator=g)).requires_grad_()
+    t = torch.randint(0, 500, (64,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = full_softmax_cross_entropy(h, w, None, t)
+    assert ours.dtype == torch.float32
+    ours.backward()
+    ref = F.cross_entropy(h @ w.T, t, reduction="sum")
+    dh = torch.autograd.grad(ref, h)[0]
+    assert abs(float(ours.detach() - ref.detach())) / float(ref.detach()) < 1e-2
+    assert float((h.grad - dh).abs().max()) < 0.02 * float(dh.abs().max())
+
+
+def test_paper_presets_per_dataset():
+    beauty, sports, other = paper_config("beauty"), paper_config("sports"), paper_config("my-data")
+    assert (beauty["layers"], beauty["heads"], beauty["lamb"]) == (4, 8, 10.0)
+    assert (sports["layers"], sports["heads"], sports["lamb"]) == (3, 8, 5.0)
+    assert other == beauty
+    assert beauty["dim"] == beauty["ff_dim"] == 256 and beauty["attr_dim"] == 64
+
+
+def test_paper_flag_resolves_the_dataset_config():
+    from examples.cli import config_from_args, parser
+    args = parser("t", ["DIFSASRec"]).parse_args(["--dataset", "sports", "--paper", "--lr", "0.001"])
+    cfg = config_from_args(args)
+    assert (cfg.layers, cfg.heads, cfg.lamb, cfg.ff_dim, cfg.lr) == (3, 8, 5.0, 256, 0.001)
+
+
+@pytest.mark.parametrize("name", ["SASRec", "SASRecF", "DIFSASRec"])
+def test_epoch_flop_count_matches_the_flop_counter(name):
+    from paper_epoch import batch_flops
+    ds = synthetic()
+    cfg = TrainConfig(dim=32, ff_dim=48, layers=2, heads=2, attr_dim=8, max_len=12, lamb=1.0, dropout=0.0,
+                      attn_dropout=0.0, backend="math")
+    model = build_model(name, ds.info, **cfg.model_kwargs())
+    ids = torch.tensor([[1, 2, 3, 4, 5, 0], [6, 7, 8, 9, 10, 11]])
+    tgt = torch.tensor([[2, 3, 4, 5, 6, 0], [7, 8, 9, 10, 11, 12]])
+    with FlopCounterMode(display=False) as counter:
+        loss, _ = batch_loss(model, model, (ids.numpy(), tgt.numpy()), cfg, ds.tables, torch.Generator(), 0, 1)
+        loss.backward()
+    counted = counter.get_total_flops()
+    ours = batch_flops(model, cfg, 2, 6, int((tgt != 0).sum()), ds.num_classes)
+    assert abs(ours - counted) / counted < 0.1, (ours, counted)
