@@ -40,6 +40,8 @@ import time
 import torch
 
 from dif_attention import GateFusion, decoupled_attention, lengths_mask
+from dif_attention.fusion import fold_sources, get_fusion
+from dif_attention.masks import combine_masks
 
 SHAPES = [(256, 2, 50), (256, 2, 200), (2048, 8, 50), (1024, 4, 200)]
 PEAK_GBS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0, "L40S": 864.0, "A10G": 600.0}
@@ -102,10 +104,29 @@ def provider_fn(name, qs, ks, v, lengths, fusion, dropout, n):
             reasons = reasons or ["CPU: the Triton interpreter is for tests only (--interpret to run it anyway)"]
         if reasons:
             return "; ".join(reasons)
-        return lambda: ops.triton_decoupled_attention(qs, ks, v, lengths=lengths, is_causal=True, **kw)
+        return lambda: triton_call(qs, ks, v, lengths, fusion, dropout)
     if name == "flex":
         return flex_fn(qs, ks, v, lengths, fusion, dropout, n)
     raise KeyError(name)
+
+
+def triton_call(qs, ks, v, lengths, fusion, dropout):
+    """The fused kernel with right-padding ``lengths`` (padded queries skipped): fold the fusion (the paper
+    gate's energies from the fused energy kernel), then one kernel call."""
+    from dif_attention import ops
+
+    fusion = get_fusion(fusion)
+    b, n = v.shape[0], v.shape[2]
+    gates = ops.paper_gates(qs, ks, fusion) if isinstance(fusion, GateFusion) and fusion.max_len else None
+    allowed = combine_masks(None, True, n, v.device, lengths=lengths) if needs_fold_mask(fusion) else None
+    q, k, bias = fold_sources(qs, ks, allowed, fusion, batch=b, gates=gates)
+    return ops.attention(q, k, v, bias=bias, lengths=lengths, is_causal=True, scale=qs[0].shape[-1] ** -0.5,
+                         dropout_p=dropout)
+
+
+def needs_fold_mask(fusion) -> bool:
+    """The length-agnostic gate reads the mask while folding (its row means are over the allowed keys)."""
+    return isinstance(fusion, GateFusion) and fusion.max_len is None
 
 
 _FLEX = {}
@@ -119,8 +140,6 @@ def flex_fn(qs, ks, v, lengths, fusion, dropout, n):
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError as err:
         return f"FlexAttention unavailable: {err}"
-    from dif_attention.fusion import get_fusion
-    from dif_attention.ops.dispatch import _fold, _fold_mask
 
     if "fn" not in _FLEX:
         _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
@@ -133,13 +152,13 @@ def flex_fn(qs, ks, v, lengths, fusion, dropout, n):
         return (j <= i) & (j < lens[bi]) & (i < lens[bi])
 
     block_mask = create_block_mask(mask_mod, b, None, n, n, device=v.device)
-    needs_mask = isinstance(fusion, GateFusion) and fusion.max_len is None
-    fold_mask = _fold_mask(None, True, lengths, n, v.device) if needs_mask else None
+    fold_mask = combine_masks(None, True, n, v.device, lengths=lengths) if needs_fold_mask(fusion) else None
 
     def run():
-        q, k, bias = _fold(qs, ks, fold_mask, fusion, b, gate_kernel=False)
+        q, k, bias = fold_sources(qs, ks, fold_mask, fusion, batch=b)
         score_mod = None
         if bias is not None:
+            bias = bias.expand(1, h, n, n)[0]
             def score_mod(score, bi, hi, i, j):
                 return score + bias[hi, i, j] * scale
         vv = v if torch.is_grad_enabled() else v.detach()  # CPU flex refuses any input requiring grad
@@ -274,7 +293,7 @@ def step_bench(args, device):
         pos_emb = torch.nn.Embedding(n, dim).to(device)
         cat_emb = torch.nn.Embedding(cats, 64).to(device)
         enc = DecoupledEncoder(layers, dim, heads, attr_dims={"category": 64}, fusion="gate", max_len=n,
-                               dropout=0.5, attn_dropout=0.3, backend=backend).to(device)
+                               hidden_dropout=0.5, attn_dropout=0.3, backend=backend).to(device)
         params = list(item_emb.parameters()) + list(pos_emb.parameters()) + list(cat_emb.parameters()) + \
             list(enc.parameters())
         opt = torch.optim.Adam(params, lr=1e-3)

@@ -15,8 +15,9 @@ Theorem 4.1: early fusion has rank <= min(L, d_h); DIF has rank <= min(L, d_h + 
 
 Settings: (a) at initialisation (float64) on random sequences of synthetic items (two attributes) and on real
 Beauty histories (the `--samples` longest, cut to the last n items, so L = n; and a random sample at their
-natural lengths, where L is the binding bound); (b) after training on MovieLens-100K and Beauty with the
-example models (examples/models.py), trained by examples/train.py if no checkpoint exists under runs/.
+natural lengths, where L is the binding bound); (b) after training on MovieLens-100K and Beauty: the same
+library models (dif_attention.models), trained and measured by `python examples/trained_rank.py`, which this
+script runs as a subprocess (it trains once; the checkpoints under runs/ are reused).
 Columns: mean numerical rank (default tolerance, see dif_attention.analysis), the bound averaged over samples,
 the mean per layer, the rank counting only singular values above 1e-3 * sigma_max, the effective (entropy) rank.
 Writes the table (markdown) and a bar chart PNG (and the numbers as JSON) to --out.
@@ -26,20 +27,21 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from dif_attention import AttributeEmbedding, DecoupledEncoder, item_attribute_table, padding_mask
-from dif_attention.analysis import (EarlyFusionAttention, InputFusion, head_widths, layer_ranks, rank_bound,
-                                    summarize)
+from dif_attention import item_attribute_table
+from dif_attention.analysis import head_widths, rank_report
+from dif_attention.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 AMAZON = ROOT.parent / "shared" / "data" / "amazon"
 KINDS = ("SASRecF", "NOVA", "DIF")
+MODELS = {"SASRecF": "SASRecF", "NOVA": "NOVA", "DIF": "DIFSASRec"}  # the families' library models
 LOOSE_RTOL = 1e-3  # a second, coarse count: singular values above 0.1% of the largest
 COLORS = {"SASRecF": "#9ecae1", "NOVA": "#4292c6", "DIF": "#d94801"}
 
@@ -92,83 +94,24 @@ def beauty_settings(folder: Path, samples: int, n: int, seed: int):
 
 
 # ------------------------------------------------------------------------------------------------ models
-class RankModel(nn.Module):
-    """Embeddings + a ``layers``-deep post-LN encoder of one family (see the module docstring).
-
-    Forward: item ids ``(b, n)`` right-padded -> ``(hidden (b, n, dim), maps)``, maps a per-layer list of dicts
-    with ``"fused"`` raw scores ``(b, heads, n, n)`` (DIF also has one map per source). Causal + key padding mask.
-    """
-
-    def __init__(self, kind: str, *, num_items: int, tables, num_classes, dim: int = 64, heads: int = 4,
-                 layers: int = 2, attr_dim: int = 32, max_len: int = 50, fusion: str = "gate",
-                 attr_init_std: float = 0.02):
-        super().__init__()
-        if kind not in KINDS:
-            raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
-        self.kind = kind
-        side = attr_dim if kind == "DIF" else dim  # the baselines embed side information at the item width
-        self.items = nn.Embedding(num_items + 1, dim, padding_idx=0)
-        self.pos = nn.Embedding(max_len, dim)
-        for emb in (self.items, self.pos):
-            nn.init.normal_(emb.weight, std=0.02)
-        self.attrs = AttributeEmbedding(num_classes, side, item_tables=tables, init_std=attr_init_std)
-        self.norm = nn.LayerNorm(dim, eps=1e-12)
-        attr_dims = {a: side for a in num_classes}
-        if kind == "SASRecF":
-            self.fuse = InputFusion(dim, attr_dims=attr_dims, combine="concat")
-            self.encoder = DecoupledEncoder(layers, dim, heads, position=False)
-        elif kind == "NOVA":
-            self.encoder = DecoupledEncoder(layers, dim, heads, position=False)
-            for layer in self.encoder.layers:  # same block, NOVA's score function in place of the attention
-                layer.attn = EarlyFusionAttention(dim, heads, attr_dims=attr_dims, style="nova", combine="sum")
-        else:
-            self.encoder = DecoupledEncoder(layers, dim, heads, attr_dims=attr_dims, fusion=fusion)
-
-    def widths(self) -> list[int]:
-        return head_widths(self.encoder.layers[0].attn)
-
-    def forward(self, ids: torch.Tensor):
-        n = ids.shape[1]
-        pos, attrs, mask = self.pos.weight[:n], self.attrs(items=ids), padding_mask(ids)
-        if self.kind == "SASRecF":
-            x = self.norm(self.fuse(self.items(ids), attrs=attrs, pos=pos))
-            return self.encoder(x, mask=mask, is_causal=True, return_scores=True)
-        return self.encoder(self.norm(self.items(ids)), attrs=attrs, pos=pos, mask=mask, is_causal=True,
-                            return_scores=True)
+def family_model(kind: str, *, num_items: int, tables, num_classes, dim: int = 64, heads: int = 4, layers: int = 2,
+                 attr_dim: int = 32, max_len: int = 50, fusion: str = "gate", attr_init_std: float = 0.02):
+    """The library model of one family (SASRecF, NOVA, DIF-SASRec) with the same d and d_h; the baselines embed
+    side information at the item width ``dim``, DIF at ``attr_dim``."""
+    return build_model(MODELS[kind], num_items=num_items, item_tables=tables, num_classes=num_classes, dim=dim,
+                       heads=heads, layers=layers, attr_dim=attr_dim, max_len=max_len, fusion=fusion,
+                       attr_init_std=attr_init_std, strict=False)
 
 
-def measure(forward, ids, lengths, widths, batch: int = 64) -> dict:
-    """Rank summary of ``forward(ids) -> (hidden, per-layer maps)`` over all samples, with Theorem 4.1's bound."""
-    num, loose, eff, per_source = [], [], [], {}
-    with torch.no_grad():
-        for s in range(0, len(ids), batch):
-            _, maps = forward(ids[s:s + batch])
-            ln = lengths[s:s + batch]
-            num.append(layer_ranks(maps, ln))
-            loose.append(layer_ranks(maps, ln, rtol=LOOSE_RTOL))
-            eff.append(layer_ranks(maps, ln, measure="effective"))
-            for name in maps[0]:
-                if name != "probs":
-                    per_source.setdefault(name, []).append((layer_ranks(maps, ln, key=name),
-                                                            valid_norms(maps, ln, name)))
-    num, loose, eff = torch.cat(num, 1), torch.cat(loose, 1), torch.cat(eff, 1)
-    out = summarize(num)
-    if set(per_source) - {"item", "fused"}:  # decoupled: each source's own rank and size (Frobenius norm)
-        out["sources"] = {name: {"rank": float(torch.cat([r for r, _ in v], 1).mean()),
-                                 "norm": float(torch.cat([f for _, f in v], 1).mean())}
-                          for name, v in per_source.items()}
-    out.update(bound=float(rank_bound(lengths, widths).mean()), effective=float(eff.mean()),
-               loose=float(loose.mean()), loose_per_layer=summarize(loose)["per_layer"],
-               mean_length=float(lengths.double().mean()), samples=len(ids), widths=list(widths))
-    return out
+def widths_of(kind: str, model) -> list[int]:
+    """Theorem 4.1's per-source head widths: ``[d_h]`` for early fusion, one per source for DIF."""
+    return head_widths(model.encoder.layers[0].attn) if kind == "DIF" else [model.dim // model.heads]
 
 
-def valid_norms(maps, lengths, key: str) -> torch.Tensor:
-    """Frobenius norm of each valid ``[:L, :L]`` block of ``maps[l][key]``: ``(l, b, h)``."""
-    n = maps[0][key].shape[-1]
-    valid = torch.arange(n)[None, :] < lengths[:, None]  # (b, n)
-    block = (valid[:, :, None] & valid[:, None, :])[:, None]  # (b, 1, n, n)
-    return torch.stack([(m[key].double() * block).flatten(-2).norm(dim=-1) for m in maps])
+def measure(model, ids, lengths, widths, batch: int = 64) -> dict:
+    """:func:`dif_attention.analysis.rank_report` of ``model`` (called with ``return_scores=True``)."""
+    return rank_report(lambda x: model(x, return_scores=True), ids, lengths, widths, batch=batch,
+                       loose_rtol=LOOSE_RTOL)
 
 
 def run_init(args, settings) -> list[dict]:
@@ -176,13 +119,27 @@ def run_init(args, settings) -> list[dict]:
     for name, data in settings.items():
         for kind in KINDS:
             torch.manual_seed(args.seed)
-            model = RankModel(kind, num_items=data["num_items"], tables=data["tables"],
-                              num_classes=data["num_classes"], dim=args.dim, heads=args.heads, layers=args.layers,
-                              attr_dim=args.attr_dim, max_len=args.n, fusion=args.fusion,
-                              attr_init_std=args.attr_init_std).double().eval()
+            model = family_model(kind, num_items=data["num_items"], tables=data["tables"],
+                                 num_classes=data["num_classes"], dim=args.dim, heads=args.heads, layers=args.layers,
+                                 attr_dim=args.attr_dim, max_len=args.n, fusion=args.fusion,
+                                 attr_init_std=args.attr_init_std).double().eval()
             rows.append(dict(setting=f"init: {name}", model=kind,
-                             **measure(model, data["ids"], data["lengths"], model.widths())))
+                             **measure(model, data["ids"], data["lengths"], widths_of(kind, model))))
     return rows
+
+
+def run_trained(args) -> list[dict]:
+    """The trained half: ``python examples/trained_rank.py`` with the same settings, rows read from its JSON."""
+    out = args.out / f"rank{args.tag}_trained.json"
+    cmd = [sys.executable, str(ROOT / "examples" / "trained_rank.py"), "--json", str(out), "--dim", str(args.dim),
+           "--heads", str(args.heads), "--layers", str(args.layers), "--attr-dim", str(args.attr_dim),
+           "--n", str(args.n), "--fusion", args.fusion, "--samples", str(args.samples), "--seed", str(args.seed),
+           "--runs", str(args.runs), "--train-seconds", str(args.train_seconds), "--datasets", *args.datasets]
+    if args.epochs:
+        cmd += ["--epochs", str(args.epochs)]
+    print("[trained] " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    return json.loads(out.read_text())["rows"]
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -294,8 +251,7 @@ def main(argv=None) -> list[dict]:
         print(f"[skip] no Beauty.txt under {args.data}: real sequences skipped (pass --data)", file=sys.stderr)
     rows = run_init(args, settings)
     if not args.skip_trained:
-        from trained_rank import run_trained  # benchmarks/trained_rank.py: needs the examples
-        rows += run_trained(args, measure)
+        rows += run_trained(args)
     title = (f"d={args.dim}, heads={args.heads} (d_h={d_h}), n={args.n}, {args.layers} layers; "
              f"dashes: Theorem 4.1 bound")
     text = table(rows) + "\n\nDIF, per source:\n\n" + source_table(rows)

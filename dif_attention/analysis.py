@@ -19,30 +19,22 @@ Two measures:
 * :func:`effective_rank` -- ``exp(entropy(sigma / sum(sigma)))`` (Roy & Vetterli, 2007): a smooth,
   tolerance-free count that is small when a few directions dominate.
 
-The early-fusion baselines the paper compares against are here too, as score functions with the
-same call signature as ``DecoupledAttention``: :class:`EarlyFusionAttention` (``style="sasrecf"``:
-side information fused into the stream, then plain attention; ``style="nova"``: queries/keys from
-the fused stream, values from the item stream) and the input fusion they share, :class:`InputFusion`.
+The early-fusion baselines the paper compares against live in :mod:`dif_attention.baselines`.
 """
 from __future__ import annotations
 
-import math
-from typing import Mapping, Sequence
+from typing import Callable, Sequence
 
 import torch
-from einops import rearrange
 from torch import Tensor, nn
 
-from .attention import check_attr_dims
-from .errors import check_divisible, check_tensor, fail
-from .functional import decoupled_attention, reference_attention
+from .errors import check_tensor, fail
+from .functional import ScoreMaps
 
 __all__ = ["numerical_rank", "effective_rank", "block_ranks", "layer_ranks", "summarize", "rank_bound",
-           "head_widths", "InputFusion", "EarlyFusionAttention"]
+           "head_widths", "valid_norms", "rank_report"]
 
 MEASURES = ("numerical", "effective")
-STYLES = ("sasrecf", "nova")
-COMBINES = ("sum", "concat")
 
 
 def _svdvals(m: Tensor) -> Tensor:
@@ -125,20 +117,21 @@ def block_ranks(scores: Tensor, lengths: Tensor | None = None, *, measure: str =
     return out
 
 
-def layer_ranks(layer_maps: Sequence[Mapping[str, Tensor]], lengths: Tensor | None = None, *, key: str = "fused",
+def layer_ranks(layer_maps: "Sequence[ScoreMaps] | ScoreMaps", lengths: Tensor | None = None, *, key: str = "fused",
                 measure: str = "numerical", rtol: float | None = None) -> Tensor:
     """Ranks of ``maps[key]`` for every layer: ``(l, b, h)`` float64.
 
-    ``layer_maps`` is the per-layer list a ``DecoupledEncoder(..., return_scores=True)`` (or a model built on
-    it) returns; ``key`` is ``"fused"`` or a source name (``"item"``, ``"position"``, an attribute).
+    ``layer_maps`` is the per-layer list of :class:`~dif_attention.ScoreMaps` a
+    ``DecoupledEncoder(..., return_scores=True)`` (or a model built on it) returns; ``key`` is ``"fused"`` or a
+    source name (``"item"``, ``"position"``, an attribute).
     """
-    if isinstance(layer_maps, Mapping):
+    if isinstance(layer_maps, ScoreMaps):
         layer_maps = [layer_maps]
     if len(layer_maps) == 0:
         fail("layer_maps", "a non-empty list of per-layer score maps", "an empty list")
     for i, maps in enumerate(layer_maps):
         if key not in maps:
-            fail(f"layer_maps[{i}]", f"a score map named {key!r}", f"keys {sorted(maps)}")
+            fail(f"layer_maps[{i}]", f"a score map named {key!r}", f"keys {maps.keys()}")
     return torch.stack([block_ranks(maps[key].detach(), lengths, measure=measure, rtol=rtol)
                         for maps in layer_maps])
 
@@ -175,98 +168,41 @@ def rank_bound(lengths: "Tensor | int", widths: Sequence[int]) -> Tensor:
     return lengths.to(torch.float64).clamp_max(float(sum(int(w) for w in widths)))
 
 
-class InputFusion(nn.Module):
-    """Early fusion of side information into one stream, as the baselines do.
+def valid_norms(layer_maps: Sequence[ScoreMaps], lengths: Tensor, key: str) -> Tensor:
+    """Frobenius norm of each valid ``[:L, :L]`` block of ``maps[l][key]``: ``(l, b, h)`` float64."""
+    n = layer_maps[0][key].shape[-1]
+    valid = torch.arange(n)[None, :] < lengths[:, None]  # (b, n)
+    block = (valid[:, :, None] & valid[:, None, :])[:, None]  # (b, 1, n, n)
+    return torch.stack([(m[key].double() * block).flatten(-2).norm(dim=-1) for m in layer_maps])
 
-    ``combine="sum"``: ``x + sum_j attrs[j]`` (every attribute width must be ``dim``).
-    ``combine="concat"``: ``Linear([x, attrs[0], ...])`` to ``dim`` (RecBole's SASRecF).
-    The position embedding, when given, is added after (``+ pos``).
 
-    Shapes: ``x (b, n, dim)``, ``attrs[name] (b, n, attr_dims[name])``, ``pos (n, dim) | (b, n, dim)``
-    -> ``(b, n, dim)``.
+def rank_report(forward: Callable[[Tensor], tuple[Tensor, Sequence[ScoreMaps]]], ids: Tensor, lengths: Tensor,
+                widths: Sequence[int], *, batch: int = 64, loose_rtol: float = 1e-3) -> dict:
+    """Rank summary of a model over samples: ``forward(ids) -> (hidden, per-layer ScoreMaps)`` (a model called
+    with ``return_scores=True``), run on ``ids (b, n)`` right-padded with valid ``lengths (b,)``.
+
+    Returns :func:`summarize` of the numerical ranks of the fused maps plus ``bound`` (Theorem 4.1's, averaged),
+    ``effective``, ``loose`` (rank counting singular values above ``loose_rtol * sigma_max``),
+    ``loose_per_layer``, ``mean_length``, ``samples``, ``widths`` and, for decoupled models, ``sources``:
+    each source's mean rank and mean Frobenius norm of its valid block.
     """
-
-    def __init__(self, dim: int, *, attr_dims: Mapping[str, int] | None = None, combine: str = "sum",
-                 bias: bool = True):
-        super().__init__()
-        if combine not in COMBINES:
-            fail("combine", f"one of {COMBINES}", repr(combine))
-        self.dim, self.combine, self.attr_dims = dim, combine, dict(attr_dims or {})
-        if combine == "sum":
-            for a, d in self.attr_dims.items():
-                if d != dim:
-                    fail(f"attr_dims[{a!r}]", f"width {dim} (= dim) for combine='sum'; use combine='concat'", d)
-            self.proj = None
-        else:
-            self.proj = nn.Linear(dim + sum(self.attr_dims.values()), dim, bias=bias)
-
-    def forward(self, x: Tensor, *, attrs: Mapping[str, Tensor] | None = None, pos: Tensor | None = None) -> Tensor:
-        check_tensor("x", x, ndim=3, floating=True)
-        attrs = dict(attrs or {})
-        if set(attrs) != set(self.attr_dims):
-            fail("attrs", f"exactly the declared attributes {sorted(self.attr_dims)}", f"keys {sorted(attrs)}")
-        b, n, _ = x.shape
-        for a, width in self.attr_dims.items():
-            if attrs[a].shape != (b, n, width):
-                fail(f"attrs[{a!r}]", f"shape ({b}, {n}, {width}) = (b, n, attr_dims[{a!r}])", attrs[a].shape)
-        side = [attrs[a] for a in self.attr_dims]
-        if self.proj is None:
-            out = x + sum(side) if side else x
-        else:
-            out = self.proj(torch.cat([x, *side], dim=-1))
-        if pos is not None:
-            if pos.shape[-2:] != (n, self.dim):
-                fail("pos", f"shape ({n}, {self.dim}) or (b, {n}, {self.dim})", pos.shape)
-            out = out + pos
-        return out
-
-
-class EarlyFusionAttention(nn.Module):
-    """Multi-head attention over an early-fused stream: the baselines of Theorem 4.1.
-
-    ``style="sasrecf"``: ``F = fuse(x, attrs, pos)``; queries, keys *and values* from ``F``.
-    ``style="nova"``: queries and keys from ``F``, values from the item stream ``x`` alone (NOVA).
-    Either way there is one score ``S = (F W_Q)(F W_K)^T`` per head: ``rank(S) <= d_h = dim // heads``.
-
-    Same forward signature as :class:`~dif_attention.DecoupledAttention`, so it can replace the ``attn`` of a
-    ``DecoupledEncoderLayer``; with ``return_scores=True`` returns ``(out, {"fused": S, "probs": P})``,
-    ``S (b, heads, n, n)`` raw (pre-scale, pre-mask). ``position=False`` ignores ``pos`` (pass ``None``).
-    """
-
-    def __init__(self, dim: int, heads: int, *, attr_dims: Mapping[str, int] | None = None, style: str = "nova",
-                 combine: str = "sum", position: bool = True, dropout: float = 0.0, bias: bool = True):
-        super().__init__()
-        if style not in STYLES:
-            fail("style", f"one of {STYLES}", repr(style))
-        if not isinstance(heads, int) or heads < 1:
-            fail("heads", "a positive int", repr(heads))
-        self.dim_head = check_divisible("dim", dim, heads)
-        self.dim, self.heads, self.style, self.position = dim, heads, style, bool(position)
-        self.attr_dims = check_attr_dims(attr_dims, 1)
-        self.dropout = float(dropout)
-        self.fuse = InputFusion(dim, attr_dims=self.attr_dims, combine=combine, bias=bias)
-        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim, bias=bias) for _ in range(3))
-        self.to_out = nn.Linear(dim, dim, bias=bias)
-
-    def forward(self, x: Tensor, *, attrs: Mapping[str, Tensor] | None = None, pos: Tensor | None = None,
-                mask: Tensor | None = None, is_causal: bool = False, return_scores: bool = False):
-        check_tensor("x", x, ndim=3, floating=True)
-        if x.shape[-1] != self.dim:
-            fail("x", f"last dim {self.dim} (= dim)", x.shape)
-        if self.position and pos is None:
-            fail("pos", "the position embedding (n, dim) or (b, n, dim) because position=True", None)
-        fused = self.fuse(x, attrs=attrs, pos=pos if self.position else None)
-        split = lambda t: rearrange(t, "b n (h e) -> b h n e", h=self.heads)  # noqa: E731
-        q, k = split(self.to_q(fused)), split(self.to_k(fused))
-        v = split(self.to_v(x if self.style == "nova" else fused))
-        p, scale = (self.dropout if self.training else 0.0), 1.0 / math.sqrt(self.dim_head)
-        if return_scores:
-            out, maps = reference_attention([q], [k], v, mask=mask, is_causal=is_causal, scale=scale, dropout_p=p)
-            maps = {"fused": maps["fused"], "probs": maps["probs"]}
-        else:
-            out = decoupled_attention([q], [k], v, mask=mask, is_causal=is_causal, scale=scale, dropout_p=p)
-        out = self.to_out(rearrange(out, "b h n e -> b n (h e)"))
-        return (out, maps) if return_scores else out
-
-    def extra_repr(self) -> str:
-        return f"dim={self.dim}, heads={self.heads}, style={self.style!r}, attrs={sorted(self.attr_dims)}"
+    num, loose, eff, per_source = [], [], [], {}
+    with torch.no_grad():
+        for s in range(0, len(ids), batch):
+            _, maps = forward(ids[s:s + batch])
+            ln = lengths[s:s + batch]
+            num.append(layer_ranks(maps, ln))
+            loose.append(layer_ranks(maps, ln, rtol=loose_rtol))
+            eff.append(layer_ranks(maps, ln, measure="effective"))
+            for name in [*maps[0].sources, "fused"]:
+                per_source.setdefault(name, []).append((layer_ranks(maps, ln, key=name), valid_norms(maps, ln, name)))
+    num, loose, eff = torch.cat(num, 1), torch.cat(loose, 1), torch.cat(eff, 1)
+    out = summarize(num)
+    if set(per_source) - {"item", "fused"}:  # decoupled: each source's own rank and size (Frobenius norm)
+        out["sources"] = {name: {"rank": float(torch.cat([r for r, _ in v], 1).mean()),
+                                 "norm": float(torch.cat([f for _, f in v], 1).mean())}
+                          for name, v in per_source.items()}
+    out.update(bound=float(rank_bound(lengths, widths).mean()), effective=float(eff.mean()),
+               loose=float(loose.mean()), loose_per_layer=summarize(loose)["per_layer"],
+               mean_length=float(lengths.double().mean()), samples=len(ids), widths=list(widths))
+    return out

@@ -3,26 +3,29 @@ from __future__ import annotations
 
 from typing import Mapping
 
-import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from .errors import DIFError, check_divisible, check_matches, check_tensor, fail
-from .errors import check_finite as _check_finite
-from .functional import BACKENDS, _prepare, _reference, decoupled_attention
+from .errors import DIFError, check_divisible, check_int, check_matches, check_probability, check_tensor, fail
+from .errors import check_finite as check_finite_values
+from .functional import BACKENDS, ScoreMaps, decoupled_attention, reference_attention
 from .fusion import Fusion, get_fusion
 
-__all__ = ["DecoupledAttention"]
+__all__ = ["DecoupledAttention", "check_attr_dims"]
 
 RESERVED = ("item", "position", "fused", "probs")
 
 
-def check_attr_dims(attr_dims, heads: int) -> dict[str, int]:
+def check_attr_dims(attr_dims: Mapping[str, int] | None, heads: int) -> dict[str, int]:
+    """Attribute name -> width, each name an identifier (not a reserved map name), each width a positive int
+    divisible by ``heads``."""
+    if attr_dims is not None and not isinstance(attr_dims, Mapping):
+        fail("attr_dims", "a mapping of attribute name -> width", type(attr_dims).__name__)
     attr_dims = dict(attr_dims or {})
     for name, d in attr_dims.items():
         if not isinstance(name, str) or not name.isidentifier() or name in RESERVED:
             fail("attr_dims", f"attribute names that are identifiers and not one of {RESERVED}", repr(name))
-        if not isinstance(d, int) or d < 1:
+        if isinstance(d, bool) or not isinstance(d, int) or d < 1:
             fail(f"attr_dims[{name!r}]", "a positive int width", repr(d))
         check_divisible(f"attr_dims[{name!r}]", d, heads)
     return attr_dims
@@ -50,29 +53,27 @@ class DecoupledAttention(nn.Module):
         dim, heads: model width and number of heads (``dim % heads == 0``).
         attr_dims: attribute name -> embedding width (each divisible by ``heads``).
         position: give the position embedding its own decoupled score (DIF-SR does).
-        fusion: ``"add"`` (default), ``"concat"``, ``"gate"`` or a :class:`Fusion` instance.
+        fusion: ``"add"`` (the library's default), ``"concat"``, ``"gate"`` (the DIF-SR configs' and the
+            example models' choice) or a :class:`Fusion` instance.
         max_len: with ``fusion="concat"``/``"gate"`` by name, select the paper-exact variant tied to ``max_len``.
-        dropout: dropout on the attention probabilities.
+        attn_dropout: dropout on the attention probabilities.
         backend: ``"auto"``, ``"sdpa"``, ``"torch"`` (oracle) or ``"triton"``.
         bias: whether the projections have biases (the reference's do).
     """
 
     def __init__(self, dim: int, heads: int, *, attr_dims: Mapping[str, int] | None = None, position: bool = True,
-                 fusion: "str | Fusion" = "add", max_len: int | None = None, dropout: float = 0.0,
+                 fusion: "str | Fusion" = "add", max_len: int | None = None, attn_dropout: float = 0.0,
                  backend: str = "auto", bias: bool = True, check_finite: bool = False):
         super().__init__()
-        if not isinstance(heads, int) or heads < 1:
-            fail("heads", "a positive int", repr(heads))
-        if not isinstance(dim, int) or dim < 1:
-            fail("dim", "a positive int", repr(dim))
+        check_int("heads", heads)
+        check_int("dim", dim)
         self.dim_head = check_divisible("dim", dim, heads)
         if backend not in BACKENDS:
             fail("backend", f"one of {BACKENDS}", repr(backend))
-        if not 0.0 <= dropout < 1.0:
-            fail("dropout", "a probability in [0, 1)", repr(dropout))
         self.dim, self.heads, self.position = dim, heads, bool(position)
         self.attr_dims = check_attr_dims(attr_dims, heads)
-        self.dropout, self.backend, self.check_finite = float(dropout), backend, check_finite
+        self.attn_dropout = check_probability("attn_dropout", attn_dropout)
+        self.backend, self.check_finite = backend, check_finite
         self.sources = ["item"] + (["position"] if position else []) + list(self.attr_dims)
 
         self.to_q = nn.Linear(dim, dim, bias=bias)
@@ -92,10 +93,12 @@ class DecoupledAttention(nn.Module):
     def _check_input(self, arg: str, t: Tensor) -> None:
         check_matches(arg, t, self.to_q.weight, "DecoupledAttention")
         if self.check_finite:
-            _check_finite(arg, t)
+            check_finite_values(arg, t)
 
-    def project(self, x: Tensor, *, attrs: Mapping[str, Tensor] | None = None, pos: Tensor | None = None):
-        """Validate inputs and return ``(queries, keys, value)`` in the functional layout."""
+    def project(self, x: Tensor, *, attrs: Mapping[str, Tensor] | None = None,
+                pos: Tensor | None = None) -> tuple[list[Tensor], list[Tensor], Tensor]:
+        """Validate inputs and return ``(queries, keys, value)`` in the functional layout: per-source
+        ``(b|1, heads, n, e_s)`` queries and keys in the order of ``self.sources``, value ``(b, heads, n, e)``."""
         check_tensor("x", x, ndim=3, floating=True)
         b, n, d = x.shape
         if d != self.dim:
@@ -124,6 +127,8 @@ class DecoupledAttention(nn.Module):
         elif pos is not None:
             raise DIFError("pos: expected None because position=False, got a tensor of shape "
                            f"{tuple(pos.shape)}")
+        if attrs is not None and not isinstance(attrs, Mapping):
+            fail("attrs", "a mapping of attribute name -> (b, n, width) tensor", type(attrs).__name__)
         attrs = dict(attrs or {})
         missing, extra = set(self.attr_dims) - set(attrs), set(attrs) - set(self.attr_dims)
         if missing or extra:
@@ -139,24 +144,21 @@ class DecoupledAttention(nn.Module):
         return queries, keys, value
 
     def forward(self, x: Tensor, *, attrs: Mapping[str, Tensor] | None = None, pos: Tensor | None = None,
-                mask: Tensor | None = None, is_causal: bool = False, return_scores: bool = False):
-        """Returns ``(b, n, dim)``; with ``return_scores=True`` returns ``(out, maps)`` where ``maps``
-        maps each source name (``"item"``, ``"position"``, attribute names) to its raw score matrix
-        ``(b|1, heads, n, n)``, plus ``"fused"`` (raw fused scores) and ``"probs"`` (attention)."""
+                mask: Tensor | None = None, is_causal: bool = False,
+                return_scores: bool = False) -> Tensor | tuple[Tensor, ScoreMaps]:
+        """Returns ``(b, n, dim)``; with ``return_scores=True`` returns ``(out, maps)``, ``maps`` a
+        :class:`~dif_attention.ScoreMaps` computed by the oracle: ``maps.sources`` maps each source name
+        (``"item"``, ``"position"``, attribute names) to its raw score matrix ``(b|1, heads, n, n)``, plus
+        ``maps.fused`` (raw fused scores), ``maps.probs`` (attention) and ``maps.gates`` (gate fusion)."""
         queries, keys, value = self.project(x, attrs=attrs, pos=pos)
-        p = self.dropout if self.training else 0.0
+        kw = dict(mask=mask, is_causal=is_causal, fusion=self.fusion, scale=1.0 / self.dim_head ** 0.5,
+                  dropout_p=self.attn_dropout if self.training else 0.0, check_finite=self.check_finite)
         if return_scores:
-            _, _, _, fusion, allowed, scale = _prepare(queries, keys, value, mask, is_causal, self.fusion,
-                                                       1.0 / self.dim_head ** 0.5, p, self.check_finite)
-            out, maps = _reference(queries, keys, value, allowed, fusion, scale, p)
-            named = dict(zip(self.sources, maps["sources"]))
-            named.update(fused=maps["fused"], probs=maps["probs"])
+            out, maps = reference_attention(queries, keys, value, names=self.sources, **kw)
         else:
-            out = decoupled_attention(queries, keys, value, mask=mask, is_causal=is_causal, fusion=self.fusion,
-                                      scale=1.0 / self.dim_head ** 0.5, dropout_p=p, backend=self.backend,
-                                      check_finite=self.check_finite)
+            out = decoupled_attention(queries, keys, value, backend=self.backend, **kw)
         out = self.to_out(rearrange(out, "b h n e -> b n (h e)"))
-        return (out, named) if return_scores else out
+        return (out, maps) if return_scores else out
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, heads={self.heads}, sources={self.sources}, "

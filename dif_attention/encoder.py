@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import copy
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import DecoupledAttention
-from .errors import fail
+from .errors import check_int, check_probability, fail
+from .functional import ScoreMaps
 from .fusion import Fusion
 
 __all__ = ["FeedForward", "DecoupledEncoderLayer", "DecoupledEncoder"]
@@ -17,16 +18,18 @@ _ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "swish": F.silu,
 
 
 class FeedForward(nn.Module):
-    """``Linear(dim -> ff_dim) -> activation -> Linear(ff_dim -> dim) -> Dropout``."""
+    """``Linear(dim -> ff_dim) -> activation -> Linear(ff_dim -> dim) -> Dropout(hidden_dropout)``."""
 
-    def __init__(self, dim: int, ff_dim: int, *, activation: str = "gelu", dropout: float = 0.0):
+    def __init__(self, dim: int, ff_dim: int, *, activation: str = "gelu", hidden_dropout: float = 0.0):
         super().__init__()
         if activation not in _ACTIVATIONS:
             fail("activation", f"one of {sorted(_ACTIVATIONS)}", repr(activation))
+        check_int("ff_dim", ff_dim)
         self.up, self.down = nn.Linear(dim, ff_dim), nn.Linear(ff_dim, dim)
-        self.act, self.drop = _ACTIVATIONS[activation], nn.Dropout(dropout)
+        self.act, self.drop = _ACTIVATIONS[activation], nn.Dropout(check_probability("hidden_dropout", hidden_dropout))
 
     def forward(self, x: Tensor) -> Tensor:
+        """``(..., dim)`` -> ``(..., dim)``."""
         return self.drop(self.down(self.act(self.up(x))))
 
 
@@ -38,23 +41,32 @@ class DecoupledEncoderLayer(nn.Module):
     ``norm_first=True``: pre-LN, ``x = x + Drop(Attn(LN(x)))``, ``x = x + FFN(LN(x))``.
 
     Side inputs (``attrs``, ``pos``) are used as given in every layer; only ``x`` is updated.
+    ``hidden_dropout`` drops the residual branches, ``attn_dropout`` the attention probabilities.
+    ``attention``: a module with :class:`DecoupledAttention`'s forward signature to use instead of one
+    (e.g. :class:`~dif_attention.baselines.EarlyFusionAttention` for NOVA); the attention keywords are then unused.
     Keywords not listed go to :class:`DecoupledAttention` (``position``, ``max_len``, ``backend``, ...).
+    The default fusion is ``"add"``, as :class:`DecoupledAttention`'s.
     """
 
     def __init__(self, dim: int, heads: int, *, attr_dims: Mapping[str, int] | None = None,
-                 fusion: "str | Fusion" = "add", ff_dim: int | None = None, dropout: float = 0.0,
+                 fusion: "str | Fusion" = "add", ff_dim: int | None = None, hidden_dropout: float = 0.0,
                  attn_dropout: float = 0.0, activation: str = "gelu", norm_first: bool = False,
-                 eps: float = 1e-12, **attention_kwargs):
+                 eps: float = 1e-12, attention: nn.Module | None = None, **attention_kwargs):
         super().__init__()
-        self.attn = DecoupledAttention(dim, heads, attr_dims=attr_dims, fusion=fusion, dropout=attn_dropout,
-                                       **attention_kwargs)
-        self.ff = FeedForward(dim, ff_dim or dim * 4, activation=activation, dropout=dropout)
+        if attention is None:
+            attention = DecoupledAttention(dim, heads, attr_dims=attr_dims, fusion=fusion, attn_dropout=attn_dropout,
+                                           **attention_kwargs)
+        self.attn = attention
+        self.ff = FeedForward(dim, ff_dim or dim * 4, activation=activation, hidden_dropout=hidden_dropout)
         self.norm1, self.norm2 = nn.LayerNorm(dim, eps=eps), nn.LayerNorm(dim, eps=eps)
-        self.drop = nn.Dropout(dropout)
+        self.drop = nn.Dropout(check_probability("hidden_dropout", hidden_dropout))
         self.norm_first = norm_first
 
-    def forward(self, x: Tensor, *, attrs=None, pos=None, mask=None, is_causal: bool = False,
-                return_scores: bool = False):
+    def forward(self, x: Tensor, *, attrs: Mapping[str, Tensor] | None = None, pos: Tensor | None = None,
+                mask: Tensor | None = None, is_causal: bool = False,
+                return_scores: bool = False) -> Tensor | tuple[Tensor, ScoreMaps]:
+        """``x (b, n, dim)`` -> ``(b, n, dim)``; with ``return_scores=True`` ``(x, maps)``, the attention's
+        :class:`~dif_attention.ScoreMaps`. Keywords as :meth:`DecoupledAttention.forward`."""
         kw = dict(attrs=attrs, pos=pos, mask=mask, is_causal=is_causal, return_scores=return_scores)
         maps = None
         if self.norm_first:
@@ -77,24 +89,28 @@ class DecoupledEncoder(nn.Module):
 
     Takes the same keywords as the layer, and the same forward keywords as :class:`DecoupledAttention`.
     A :class:`Fusion` instance passed as ``fusion`` is deep-copied per layer (one fusion per layer, as
-    the reference). With ``norm_first=True`` a final LayerNorm is applied.
+    the reference). ``attention``: a callable ``layer index -> attention module`` to build each layer's
+    attention with (see :class:`DecoupledEncoderLayer`). With ``norm_first=True`` a final LayerNorm is applied.
     With ``return_scores=True`` returns ``(x, [maps of layer 0, maps of layer 1, ...])``.
     """
 
     def __init__(self, num_layers: int, dim: int, heads: int, *, attr_dims: Mapping[str, int] | None = None,
-                 fusion: "str | Fusion" = "add", norm_first: bool = False, eps: float = 1e-12, **layer_kwargs):
+                 fusion: "str | Fusion" = "add", norm_first: bool = False, eps: float = 1e-12,
+                 attention: Callable[[int], nn.Module] | None = None, **layer_kwargs):
         super().__init__()
-        if not isinstance(num_layers, int) or num_layers < 1:
-            fail("num_layers", "a positive int", repr(num_layers))
+        check_int("num_layers", num_layers)
         self.layers = nn.ModuleList(
             DecoupledEncoderLayer(dim, heads, attr_dims=attr_dims,
                                   fusion=copy.deepcopy(fusion) if isinstance(fusion, Fusion) else fusion,
-                                  norm_first=norm_first, eps=eps, **layer_kwargs)
-            for _ in range(num_layers))
+                                  norm_first=norm_first, eps=eps,
+                                  attention=None if attention is None else attention(i), **layer_kwargs)
+            for i in range(num_layers))
         self.final_norm = nn.LayerNorm(dim, eps=eps) if norm_first else nn.Identity()
 
-    def forward(self, x: Tensor, *, attrs=None, pos=None, mask=None, is_causal: bool = False,
-                return_scores: bool = False):
+    def forward(self, x: Tensor, *, attrs: Mapping[str, Tensor] | None = None, pos: Tensor | None = None,
+                mask: Tensor | None = None, is_causal: bool = False,
+                return_scores: bool = False) -> Tensor | tuple[Tensor, list[ScoreMaps]]:
+        """``x (b, n, dim)`` -> ``(b, n, dim)``; with ``return_scores=True`` ``(x, per-layer ScoreMaps)``."""
         all_maps = []
         for layer in self.layers:
             x = layer(x, attrs=attrs, pos=pos, mask=mask, is_causal=is_causal, return_scores=return_scores)

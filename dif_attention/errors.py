@@ -10,7 +10,8 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["DIFError"]
+__all__ = ["DIFError", "fail", "check_tensor", "check_finite", "check_matches", "check_divisible", "check_int",
+           "check_probability", "fmt_shape"]
 
 
 class DIFError(ValueError):
@@ -59,3 +60,19 @@ def check_divisible(arg: str, width: int, heads: int) -> int:
     if width % heads != 0:
         fail(arg, f"a width divisible by heads={heads}", f"width {width}")
     return width // heads
+
+
+def check_int(arg: str, value: Any, *, minimum: int | None = 1) -> int:
+    """``value`` is an int (not a bool) and, unless ``minimum`` is None, at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
+        fail(arg, "an int" if minimum is None else f"an int >= {minimum}", repr(value))
+    if minimum is not None and value < minimum:
+        fail(arg, f"an int >= {minimum}", repr(value))
+    return value
+
+
+def check_probability(arg: str, p: Any) -> float:
+    """A dropout probability: a real number in ``[0, 1)``."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= float(p) < 1.0:
+        fail(arg, "a probability in [0, 1)", repr(p))
+    return float(p)

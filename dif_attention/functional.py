@@ -17,28 +17,71 @@ Semantics (``backend="torch"`` computes exactly this, materialising every matrix
     out   = dropout(P, dropout_p) @ value
 
 ``scale`` defaults to ``1 / sqrt(e_0)``, the *item* head width, for every source (as the
-reference implementation). The fast path (``backend="sdpa"``) folds the fusion into one
-``scaled_dot_product_attention`` call over concatenated queries/keys; batch-independent sources
-become one shared ``(h, n, n)`` score bias computed once instead of once per batch row.
+reference implementation). Every fast path folds the fusion into one attention over concatenated
+queries/keys (:func:`dif_attention.fusion.fold_sources`); batch-independent sources become one shared
+``(h, n, n)`` score bias computed once instead of once per batch row.
+
+This module is the only dispatcher: it validates once, asks :mod:`dif_attention.ops` whether the fused
+kernels take a case (``unsupported_reasons``), and falls back to SDPA itself.
 """
 from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import check_finite as _check_finite
-from .errors import check_tensor, fail
-from .fusion import Fusion, get_fusion
-from .masks import check_mask, combine_masks
+from .errors import check_finite as check_finite_values
+from .errors import check_probability, check_tensor, fail
+from .fusion import Fusion, GateFusion, fold_sources, get_fusion
+from .masks import as_4d, check_mask, combine_masks
 
-__all__ = ["decoupled_attention", "reference_attention", "BACKENDS"]
+__all__ = ["decoupled_attention", "reference_attention", "ScoreMaps", "BACKENDS", "MATH_MAX_N", "TRITON_ENV"]
 
 BACKENDS = ("auto", "torch", "sdpa", "math", "triton")
+
+#: on CPU with gradients, ``"auto"`` uses the ``"math"`` path up to this length (see ``_prefer_math``)
+MATH_MAX_N = 128
+
+#: the environment switch of the fused kernels: ``1`` lets ``"auto"`` use them on CUDA, ``0`` turns them off
+TRITON_ENV = "DIF_ATTENTION_TRITON"
+
+
+@dataclass(frozen=True)
+class ScoreMaps:
+    """What the softmax saw, materialised by the oracle (``return_scores=True`` everywhere in the library).
+
+    ``sources``: source name -> raw (unscaled, unmasked) score matrix ``S_s`` ``(b|1, h, n, n)``, in source
+    order. ``fused``: the raw fused scores ``S`` ``(b, h, n, n)``. ``probs``: the attention ``P`` (before
+    dropout). ``gates``: the gate weights ``(b, h, n, s)`` of the ``gate`` fusion, else ``None``.
+    ``maps["fused"]``, ``maps["probs"]``, ``maps["gates"]`` and ``maps[source name]`` index the same tensors.
+    """
+    sources: dict
+    fused: Tensor
+    probs: Tensor
+    gates: Tensor | None = None
+
+    def __getitem__(self, key: str) -> Tensor:
+        if key in ("fused", "probs", "gates"):
+            value = getattr(self, key)
+            if value is not None:
+                return value
+        elif key in self.sources:
+            return self.sources[key]
+        raise KeyError(f"{key!r}: the score maps hold {self.keys()}")
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.keys()
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def keys(self) -> list[str]:
+        return list(self.sources) + ["fused", "probs"] + (["gates"] if self.gates is not None else [])
 
 
 def _validate(queries, keys, value, check_finite: bool):
@@ -66,13 +109,14 @@ def _validate(queries, keys, value, check_finite: bool):
             fail(f"keys[{s}]", f"width e_{s}={q.shape[-1]} (the width of queries[{s}])", k.shape)
     if check_finite:
         for s, (q, k) in enumerate(zip(queries, keys)):
-            _check_finite(f"queries[{s}]", q)
-            _check_finite(f"keys[{s}]", k)
-        _check_finite("value", value)
+            check_finite_values(f"queries[{s}]", q)
+            check_finite_values(f"keys[{s}]", k)
+        check_finite_values("value", value)
     return b, h, n
 
 
 def _prepare(queries, keys, value, mask, is_causal, fusion, scale, dropout_p, check_finite):
+    """Every check of the public functions, once: -> ``(b, h, n, fusion, allowed, scale)``."""
     b, h, n = _validate(queries, keys, value, check_finite)
     fusion = get_fusion(fusion)
     fusion.check(len(queries), n)
@@ -82,21 +126,24 @@ def _prepare(queries, keys, value, mask, is_causal, fusion, scale, dropout_p, ch
     allowed = combine_masks(mask, is_causal, n, value.device)
     if scale is None:
         scale = 1.0 / math.sqrt(queries[0].shape[-1])
-    elif not (math.isfinite(float(scale)) and float(scale) > 0):
+    elif isinstance(scale, bool) or not (math.isfinite(float(scale)) and float(scale) > 0):
         fail("scale", "a finite positive float (or None for 1/sqrt(e_0))", repr(scale))
-    if not (0.0 <= float(dropout_p) < 1.0):
-        fail("dropout_p", "a probability in [0, 1)", repr(dropout_p))
+    check_probability("dropout_p", dropout_p)
     return b, h, n, fusion, allowed, float(scale)
 
 
-def reference_attention(queries: Sequence[Tensor], keys: Sequence[Tensor], value: Tensor, *, mask=None,
-                        is_causal: bool = False, fusion: "str | Fusion" = "add", scale: float | None = None,
-                        dropout_p: float = 0.0, check_finite: bool = False):
-    """The oracle: materialises every score matrix. Returns ``(out, maps)`` where ``maps`` is a dict
-    with ``"sources"`` (list of raw ``S_s``), ``"fused"`` (raw fused ``S``) and ``"probs"`` (``P``)."""
+def reference_attention(queries: Sequence[Tensor], keys: Sequence[Tensor], value: Tensor, *,
+                        mask: Tensor | None = None, is_causal: bool = False, fusion: "str | Fusion" = "add",
+                        scale: float | None = None, dropout_p: float = 0.0, check_finite: bool = False,
+                        names: Sequence[str] | None = None) -> tuple[Tensor, ScoreMaps]:
+    """The oracle: materialises every score matrix. Returns ``(out, maps)``, ``maps`` a :class:`ScoreMaps`
+    whose sources are named by ``names`` (default ``"0"``, ``"1"``, ...)."""
     b, h, n, fusion, allowed, scale = _prepare(queries, keys, value, mask, is_causal, fusion, scale,
                                                dropout_p, check_finite)
-    return _reference(queries, keys, value, allowed, fusion, scale, dropout_p)
+    names = [str(i) for i in range(len(queries))] if names is None else list(names)
+    if len(names) != len(queries):
+        fail("names", f"{len(queries)} source names, one per query source", f"{len(names)} names")
+    return _reference(queries, keys, value, allowed, fusion, scale, dropout_p, names)
 
 
 def _masked_softmax(logits: Tensor, allowed: Tensor | None) -> Tensor:
@@ -108,37 +155,17 @@ def _masked_softmax(logits: Tensor, allowed: Tensor | None) -> Tensor:
     return logits.softmax(-1) * row_ok
 
 
-def _reference(queries, keys, value, allowed, fusion, scale, dropout_p):
+def _reference(queries, keys, value, allowed, fusion, scale, dropout_p, names):
     scores = [q @ k.transpose(-1, -2) for q, k in zip(queries, keys)]
     fused = fusion.combine(scores, allowed)
     probs = _masked_softmax(fused * scale, allowed)
     attn = F.dropout(probs, p=dropout_p) if dropout_p > 0 else probs
     out = attn @ value
-    return out, {"sources": scores, "fused": fused, "probs": probs}
+    return out, ScoreMaps(dict(zip(names, scores)), fused, probs, fusion.weights(scores, allowed))
 
 
-def _fold(queries, keys, value, allowed, fusion):
-    """Fold the fusion into ``(q, k, bias)``: one attention over ``q, k`` (concatenated per-source
-    widths) plus an additive raw-score ``bias`` (``(1|b, h|1, n|1, n)`` or None) computes the fused scores."""
-    b = value.shape[0]
-    qs, ks, key_bias = fusion.fold(list(queries), list(keys), allowed)
-    bias = None if key_bias is None else key_bias.reshape(1, 1, 1, -1)
-    if b > 1:
-        shared = [i for i, (q, k) in enumerate(zip(qs, ks)) if q.shape[0] == 1 and k.shape[0] == 1]
-        if shared and len(shared) < len(qs):
-            for i in shared:
-                term = qs[i] @ ks[i].transpose(-1, -2)  # (1, h, n, n): once, not once per batch row
-                bias = term if bias is None else bias + term
-            qs = [q for i, q in enumerate(qs) if i not in shared]
-            ks = [k for i, k in enumerate(ks) if i not in shared]
-    q = qs[0].expand(b, -1, -1, -1) if len(qs) == 1 else torch.cat([t.expand(b, -1, -1, -1) for t in qs], -1)
-    k = ks[0].expand(b, -1, -1, -1) if len(ks) == 1 else torch.cat([t.expand(b, -1, -1, -1) for t in ks], -1)
-    return q, k, bias
-
-
-def _math(queries, keys, value, allowed, is_causal, fusion, scale, dropout_p):
+def _math(q, k, bias, value, allowed, scale, dropout_p):
     """One materialised score matrix over the folded q/k (never one per source)."""
-    q, k, bias = _fold(queries, keys, value, allowed, fusion)
     logits = q @ k.transpose(-1, -2)
     if bias is not None:
         logits = logits + bias
@@ -148,9 +175,8 @@ def _math(queries, keys, value, allowed, is_causal, fusion, scale, dropout_p):
     return probs @ value
 
 
-def _sdpa(queries, keys, value, allowed, is_causal, fusion, scale, dropout_p):
+def _sdpa(q, k, bias, value, allowed, is_causal, scale, dropout_p):
     """One ``scaled_dot_product_attention`` call over the folded q/k."""
-    q, k, bias = _fold(queries, keys, value, allowed, fusion)
     causal_only = is_causal and allowed is not None and allowed.ndim == 2
     if bias is None:
         if causal_only:
@@ -184,9 +210,10 @@ def _sdpa_call(q, k, v, attn_mask, dropout_p, scale):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
 
 
-def decoupled_attention(queries: Sequence[Tensor], keys: Sequence[Tensor], value: Tensor, *, mask: Tensor | None = None,
-                        is_causal: bool = False, fusion: "str | Fusion" = "add", scale: float | None = None,
-                        dropout_p: float = 0.0, backend: str = "auto", check_finite: bool = False) -> Tensor:
+def decoupled_attention(queries: Sequence[Tensor], keys: Sequence[Tensor], value: Tensor, *,
+                        mask: Tensor | None = None, is_causal: bool = False, fusion: "str | Fusion" = "add",
+                        scale: float | None = None, dropout_p: float = 0.0, backend: str = "auto",
+                        check_finite: bool = False) -> Tensor:
     """Decoupled attention over per-source queries/keys and item-only values.
 
     Args:
@@ -211,15 +238,18 @@ def decoupled_attention(queries: Sequence[Tensor], keys: Sequence[Tensor], value
     b, h, n, fusion, allowed, scale = _prepare(queries, keys, value, mask, is_causal, fusion, scale,
                                                dropout_p, check_finite)
     if backend == "torch":
-        return _reference(queries, keys, value, allowed, fusion, scale, dropout_p)[0]
-    if backend == "triton" or (backend == "auto" and _triton_usable(value)):
-        from .ops import triton_decoupled_attention  # lazy: the package works without triton
-        return triton_decoupled_attention(queries, keys, value, allowed=allowed, is_causal=is_causal,
-                                          fusion=fusion, scale=scale, dropout_p=dropout_p,
-                                          strict=backend == "triton")
+        return _reference(queries, keys, value, allowed, fusion, scale, dropout_p,
+                          [str(i) for i in range(len(queries))])[0]
+    if backend == "triton" or (backend == "auto" and _triton_wanted(value)):
+        reasons = _triton_reasons(queries, keys, value, fusion)
+        if not reasons:
+            return _triton(queries, keys, value, allowed, is_causal, fusion, scale, dropout_p, b)
+        if backend == "triton":
+            fail("backend", "a case the Triton kernel supports (backend='triton')", "; ".join(reasons))
+    q, k, bias = fold_sources(queries, keys, allowed, fusion, batch=b)
     if backend == "math" or (backend == "auto" and _prefer_math(value, queries)):
-        return _math(queries, keys, value, allowed, is_causal, fusion, scale, dropout_p)
-    return _sdpa(queries, keys, value, allowed, is_causal, fusion, scale, dropout_p)
+        return _math(q, k, bias, value, allowed, scale, dropout_p)
+    return _sdpa(q, k, bias, value, allowed, is_causal, scale, dropout_p)
 
 
 def _prefer_math(value: Tensor, queries) -> bool:
@@ -230,18 +260,36 @@ def _prefer_math(value: Tensor, queries) -> bool:
     return value.requires_grad or any(q.requires_grad for q in queries)
 
 
-#: on CPU with gradients, ``"auto"`` uses the ``"math"`` path up to this length (see ``_prefer_math``)
-MATH_MAX_N = 128
+def _triton_switch() -> str | None:
+    """The one read of ``DIF_ATTENTION_TRITON``: ``"1"``, ``"0"`` or ``None`` (unset / anything else)."""
+    value = os.environ.get(TRITON_ENV)
+    return value if value in ("0", "1") else None
 
 
-def _triton_usable(value: Tensor) -> bool:
+def _triton_wanted(value: Tensor) -> bool:
     """``"auto"`` picks the Triton kernels only on CUDA and, until they have been validated on a GPU
     (benchmarks/gpu_check.sh; none was available when they were written), only when the user opts in
-    with ``DIF_ATTENTION_TRITON=1``. ``backend="triton"`` always uses them."""
-    if not value.is_cuda or os.environ.get("DIF_ATTENTION_TRITON") != "1":
-        return False
+    with ``DIF_ATTENTION_TRITON=1``. ``backend="triton"`` always tries them."""
+    return value.is_cuda and _triton_switch() == "1"
+
+
+def _triton_reasons(queries, keys, value, fusion) -> list[str]:
+    if _triton_switch() == "0":
+        return [f"the kernels are turned off ({TRITON_ENV}=0)"]
     try:
         from . import ops
-    except ImportError:
-        return False
-    return ops.available()
+    except ImportError as err:  # pragma: no cover - ops imports triton lazily
+        return [f"dif_attention.ops cannot be imported: {err}"]
+    return ops.unsupported_reasons(queries, keys, value, fusion=fusion)
+
+
+def _triton(queries, keys, value, allowed, is_causal, fusion, scale, dropout_p, b):
+    from . import ops
+
+    gates = None
+    if isinstance(fusion, GateFusion) and fusion.max_len is not None:
+        gates = ops.paper_gates(list(queries), list(keys), fusion)  # no (s, b, h, n, n) score rows
+    q, k, bias = fold_sources(queries, keys, allowed, fusion, batch=b, gates=gates)
+    lone_causal = allowed is not None and allowed.ndim == 2  # user masks are 4-d after check_mask
+    mask = None if allowed is None or lone_causal else as_4d(allowed)
+    return ops.attention(q, k, value, bias=bias, mask=mask, is_causal=is_causal, scale=scale, dropout_p=dropout_p)

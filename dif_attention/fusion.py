@@ -10,8 +10,10 @@ Every fusion has two faces that compute the same numbers:
   scores ``(b, h, n, n)``.
 * ``fold(queries, keys, allowed)`` -- the fast face: rewrites the per-source queries/keys
   (and an optional additive key bias) so that ``sum_s q'_s k'_s^T + bias`` *is* the fused
-  score. The caller then runs one attention over the concatenated ``q'``/``k'``
-  (``reference/kernels.md`` section 0).
+  score. :func:`fold_sources` then turns the folded sources into one ``(q, k, bias)`` for a single
+  attention call (every fast path uses it).
+* ``weights(scores, allowed)`` -- the per-row source weights the fusion applied (the gates of
+  ``gate``), or ``None`` where it has none.
 
 Two families:
 
@@ -29,7 +31,7 @@ from torch import Tensor, nn
 
 from .errors import DIFError, fail
 
-__all__ = ["Fusion", "AddFusion", "ConcatFusion", "GateFusion", "get_fusion"]
+__all__ = ["Fusion", "AddFusion", "ConcatFusion", "GateFusion", "get_fusion", "fold_sources", "folded_width"]
 
 
 def _masked_row_mean(queries: Sequence[Tensor], keys: Sequence[Tensor], allowed: Tensor | None) -> Tensor:
@@ -95,6 +97,10 @@ class Fusion(nn.Module):
 
     def fold(self, queries: list[Tensor], keys: list[Tensor], allowed: Tensor | None):  # pragma: no cover
         raise NotImplementedError
+
+    def weights(self, scores: list[Tensor], allowed: Tensor | None) -> Tensor | None:
+        """Per-row source weights ``(b, h, n, s)`` the fusion applies, or ``None`` (``add``, ``concat``)."""
+        return None
 
 
 class AddFusion(Fusion):
@@ -245,19 +251,24 @@ class GateFusion(Fusion):
             return e.softmax(-1)
         return self._gates_from_rows([q @ k.transpose(-1, -2) for q, k in zip(queries, keys)])
 
-    def combine(self, scores, allowed):
+    def weights(self, scores, allowed):
+        """The gates ``(b, h, n, s)`` from materialised raw scores (the oracle twin of :meth:`gates`)."""
         if self.max_len is None:
             m = _masked_row_mean_scores(scores, allowed)
-            g = (self._mlp(m.unsqueeze(-1)).squeeze(-1) + self.source_bias).softmax(-1)
-        else:
-            g = self._gates_from_rows(scores)
+            return (self._mlp(m.unsqueeze(-1)).squeeze(-1) + self.source_bias).softmax(-1)
+        return self._gates_from_rows(scores)
+
+    def combine(self, scores, allowed):
+        g = self.weights(scores, allowed)
         out = g[..., 0:1] * scores[0]
         for s in range(1, len(scores)):
             out = out + g[..., s:s + 1] * scores[s]
         return out
 
-    def fold(self, queries, keys, allowed):
-        g = self.gates(queries, keys, allowed)
+    def fold(self, queries, keys, allowed, *, gates: Tensor | None = None):
+        """``gates``: precomputed gate weights ``(b|1, h, n, s)`` (the fused kernels compute the paper gate's
+        without materialising score rows); default :meth:`gates`."""
+        g = self.gates(queries, keys, allowed) if gates is None else gates
         return [g[..., s:s + 1] * q for s, q in enumerate(queries)], list(keys), None
 
 
@@ -274,3 +285,45 @@ def get_fusion(fusion: "str | Fusion", *, num_sources: int | None = None, max_le
     if cls is AddFusion:
         return AddFusion()
     return cls(max_len=max_len, num_sources=num_sources)
+
+
+def _shared(queries, keys, batch: int) -> list[int]:
+    """Indices of the sources whose q and k are both batch-independent (batch dim 1), when folding them into a
+    shared score bias pays: ``batch > 1`` and at least one other source is per batch row."""
+    if batch <= 1:
+        return []
+    shared = [i for i, (q, k) in enumerate(zip(queries, keys)) if q.shape[0] == 1 and k.shape[0] == 1]
+    return shared if len(shared) < len(queries) else []
+
+
+def fold_sources(queries: Sequence[Tensor], keys: Sequence[Tensor], allowed: Tensor | None, fusion: Fusion, *,
+                 batch: int, gates: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Fold ``fusion`` into one attention: ``(q, k, bias)`` with ``q @ k^T + bias`` = the fused raw scores.
+
+    ``q, k``: ``(batch, h, n, E)``, the folded per-source queries/keys concatenated along the width. ``bias``:
+    ``(1, h|1, n|1, n)`` or ``None`` -- the batch-independent sources (the position stream) as one shared
+    ``(h, n, n)`` score table computed once, not once per batch row, plus the paper-exact concat's key bias.
+    ``gates``: precomputed gates for :class:`GateFusion` (see :meth:`GateFusion.fold`).
+    """
+    if gates is not None:
+        qs, ks, key_bias = fusion.fold(list(queries), list(keys), allowed, gates=gates)
+    else:
+        qs, ks, key_bias = fusion.fold(list(queries), list(keys), allowed)
+    bias = None if key_bias is None else key_bias.reshape(1, 1, 1, -1)
+    shared = _shared(qs, ks, batch)
+    for i in shared:
+        term = qs[i] @ ks[i].transpose(-1, -2)  # (1, h, n, n)
+        bias = term if bias is None else bias + term
+    qs = [q for i, q in enumerate(qs) if i not in shared]
+    ks = [k for i, k in enumerate(ks) if i not in shared]
+    q = qs[0].expand(batch, -1, -1, -1) if len(qs) == 1 else torch.cat([t.expand(batch, -1, -1, -1) for t in qs], -1)
+    k = ks[0].expand(batch, -1, -1, -1) if len(ks) == 1 else torch.cat([t.expand(batch, -1, -1, -1) for t in ks], -1)
+    return q, k, bias
+
+
+def folded_width(queries: Sequence[Tensor], keys: Sequence[Tensor], fusion: Fusion) -> int:
+    """The width ``E`` of the ``q``/``k`` that :func:`fold_sources` returns, from shapes alone (gates multiply
+    every source per batch row, so under ``gate`` no source is shared)."""
+    batch = max(max(q.shape[0], k.shape[0]) for q, k in zip(queries, keys))
+    shared = [] if isinstance(fusion, GateFusion) else _shared(queries, keys, batch)
+    return sum(q.shape[-1] for i, q in enumerate(queries) if i not in shared)

@@ -13,7 +13,7 @@ import torch
 
 from .errors import check_tensor, fail
 
-__all__ = ["causal_mask", "padding_mask", "lengths_mask", "check_mask", "combine_masks"]
+__all__ = ["causal_mask", "padding_mask", "lengths_mask", "lengths_allowed", "check_mask", "combine_masks", "as_4d"]
 
 
 def causal_mask(n: int, *, device: torch.device | str | None = None) -> torch.Tensor:
@@ -31,14 +31,36 @@ def padding_mask(ids: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
     return (ids != pad_id)[:, None, None, :]
 
 
-def lengths_mask(lengths: torch.Tensor, n: int) -> torch.Tensor:
-    """Key-padding mask for right-padded sequences of the given ``lengths (b,)``: ``(b, 1, 1, n)``."""
+def _check_lengths(lengths: torch.Tensor, n: int) -> None:
     check_tensor("lengths", lengths, ndim=1)
-    if lengths.is_floating_point() or lengths.dtype == torch.bool:
+    if lengths.is_floating_point() or lengths.dtype == torch.bool or lengths.is_complex():
         fail("lengths", "an integer tensor of sequence lengths", f"dtype {lengths.dtype}")
     if not isinstance(n, (int, torch.SymInt)) or isinstance(n, bool) or n < 1:
         fail("n", "a positive int", repr(n))
+    # value checks read the tensor (a host sync): eager mode only
+    if not torch.compiler.is_compiling() and lengths.numel() and isinstance(n, int):
+        lo, hi = int(lengths.min()), int(lengths.max())
+        if lo < 0 or hi > n:
+            fail("lengths", f"lengths in [0, {n}] (= n)", f"lengths in [{lo}, {hi}]")
+
+
+def lengths_mask(lengths: torch.Tensor, n: int) -> torch.Tensor:
+    """Key-padding mask for right-padded sequences of the given ``lengths (b,)``: ``(b, 1, 1, n)``."""
+    _check_lengths(lengths, n)
     return (torch.arange(n, device=lengths.device)[None, :] < lengths[:, None])[:, None, None, :]
+
+
+def lengths_allowed(lengths: torch.Tensor, n: int) -> torch.Tensor:
+    """Padding masked as keys *and* as queries: ``(b, 1, n, n)``, True where both ``i`` and ``j`` are
+    ``< lengths[b]`` (padded query rows have no allowed key, so they return zeros)."""
+    _check_lengths(lengths, n)
+    valid = torch.arange(n, device=lengths.device)[None, :] < lengths[:, None]  # (b, n)
+    return valid[:, None, :, None] & valid[:, None, None, :]
+
+
+def as_4d(mask: torch.Tensor) -> torch.Tensor:
+    """A mask broadcastable to ``(b, h, n, n)`` with leading unit dims added: 4-d."""
+    return mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
 
 
 def check_mask(mask: torch.Tensor | None, b: int, h: int, n: int, arg: str = "mask") -> torch.Tensor | None:
@@ -51,16 +73,27 @@ def check_mask(mask: torch.Tensor | None, b: int, h: int, n: int, arg: str = "ma
     target = (b, h, n, n)
     if mask.ndim > 4:
         fail(arg, f"at most 4 dims, broadcastable to ({b}, {h}, {n}, {n})", mask.shape)
-    m = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
+    m = as_4d(mask)
     for got, want in zip(m.shape, target):
         if got not in (1, want):
             fail(arg, f"a shape broadcastable to ({b}, {h}, {n}, {n})", mask.shape)
     return m
 
 
-def combine_masks(mask: torch.Tensor | None, is_causal: bool, n: int, device) -> torch.Tensor | None:
-    """``mask & causal_mask(n)`` (either may be absent)."""
-    if not is_causal:
-        return mask
-    c = causal_mask(n, device=device)
-    return c if mask is None else mask & c
+def combine_masks(mask: torch.Tensor | None, is_causal: bool, n: int, device, *,
+                  lengths: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``mask & causal_mask(n) & lengths_allowed(lengths, n)`` (each may be absent; ``None`` if all are).
+    Keeps a lone causal mask 2-d ``(n, n)``, which fast paths recognise as causal-only."""
+    parts = []
+    if mask is not None:
+        parts.append(mask)
+    if lengths is not None:
+        parts.append(lengths_allowed(lengths, n))
+    if is_causal:
+        parts.append(causal_mask(n, device=device))
+    if not parts:
+        return None
+    out = parts[0]
+    for p in parts[1:]:
+        out = out & p
+    return out

@@ -19,11 +19,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from examples.cli import config_from_args, machine, parser, table  # noqa: E402
-from examples.data import load_dataset  # noqa: E402
-from examples.train import dist_info, run  # noqa: E402
+from cli import TRAIN_FIELDS, config_from_args, machine, parser, table
+from data import load_dataset
+from train import dist_info, run
 
 VARIANTS = {
     # name: (model, changed settings, what it is)
@@ -33,7 +31,7 @@ VARIANTS = {
     "fusion_add": ("DIFSASRec", {"fusion": "add"}, "Fig. 6: sum fusion"),
     "fusion_concat": ("DIFSASRec", {"fusion": "concat"}, "Fig. 6: concat fusion (length-agnostic)"),
     "fusion_gate": ("DIFSASRec", {"fusion": "gate"}, "Fig. 6: gate fusion (length-agnostic)"),
-    "fusion_gate_exact": ("DIFSASRec", {"fusion": "gate_exact"},
+    "fusion_gate_exact": ("DIFSASRec", {"fusion": "gate", "exact_fusion": True},
                           "Fig. 6: paper-exact gate (tied to max_len, reads the whole score row)"),
     "frozen_tables": ("DIFSASRec", {"trainable_attributes": False, "attr_init_std": 1.0},
                       "attribute tables frozen at N(0, 1), as the reference code effectively ran"),
@@ -56,7 +54,7 @@ def main(argv=None):
         return []
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = config_from_args(args)
+    cfg, model_config = config_from_args(args)
     rank, world = dist_info()
     names = [v for v in args.variants.split(",") if v]
     unknown = [v for v in names if v not in VARIANTS]
@@ -69,8 +67,10 @@ def main(argv=None):
     for seed in seeds:
         for v in names:
             model, changes, _ = VARIANTS[v]
-            c = dataclasses.replace(cfg, seed=seed, extra={"tag": v}, **changes)
-            r = run(dataset, model, c)
+            train_changes = {k: x for k, x in changes.items() if k in TRAIN_FIELDS}
+            c = dataclasses.replace(cfg, seed=seed, tag=v, **train_changes)
+            settings = {**model_config, **{k: x for k, x in changes.items() if k not in TRAIN_FIELDS}}
+            r = run(dataset, model, c, settings)
             r["variant"] = v
             results.append(r)
     if rank != 0:

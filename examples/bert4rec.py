@@ -12,15 +12,11 @@ Usage::
 DIF-BERT4Rec gives ``[MASK]`` the padding attributes (the target's attributes never leak) and applies the
 attribute predictors at the masked positions. Prints the table; writes Markdown + JSON under ``runs/<dataset>/``.
 """
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from examples.cli import compare, parser  # noqa: E402
+from cli import compare, parser
 
 MODELS = ["BERT4Rec", "DIFBERT4Rec"]
-DEFAULTS = {"dropout": 0.2, "attn_dropout": 0.2}
+DEFAULTS = {"hidden_dropout": 0.2, "attn_dropout": 0.2}
 
 
 def main(argv=None):

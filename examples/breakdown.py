@@ -13,19 +13,15 @@ as in training). Prints a Markdown table: one row per model, mean over seeds per
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from examples.data import load_dataset  # noqa: E402
-from examples.models import build_model  # noqa: E402
-from examples.train import TrainConfig, batch_metrics  # noqa: E402
+from data import load_dataset
+from dif_attention.models import load_model
+from train import batch_metrics
 
 EDGES = (0, 5, 10, 20, 50, 10**9)  # target-frequency buckets: (0, 5], (5, 10], ...
 
@@ -38,13 +34,9 @@ def per_user_metrics(model, hist: np.ndarray, targets: np.ndarray, batch_size: i
     return {"NDCG@10": torch.cat(parts).numpy()}
 
 
-def load_run(folder: Path, dataset) -> tuple[torch.nn.Module, TrainConfig]:
-    result = json.loads((folder / "result.json").read_text())
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in result["config"].items() if k in fields})
-    model = build_model(result["model"], dataset.info, **cfg.model_kwargs())
-    model.load_state_dict(torch.load(folder / "best.pt", weights_only=True))
-    return model, cfg
+def load_run(folder: Path) -> torch.nn.Module:
+    """The run's best checkpoint (written by ``dif_attention.models.save_model``: it carries its own config)."""
+    return load_model(folder / "best.pt")
 
 
 def main(argv=None):
@@ -70,8 +62,8 @@ def main(argv=None):
             if not (run / "best.pt").exists():
                 print(f"skipping {run}: no best.pt", file=sys.stderr)
                 continue
-            model, cfg = load_run(run, ds)
-            hist, tgt = ds.split("test", cfg.max_len)
+            model = load_run(run)
+            hist, tgt = ds.split("test", model.max_len)
             if counts is None:
                 counts = np.bincount(hist[hist != 0], minlength=ds.num_items + 1)
                 bucket = np.digitize(counts[tgt], EDGES[1:-1], right=True)

@@ -13,9 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from examples.cli import table  # noqa: E402
+from cli import table
 
 
 def collect(folder: Path, models: list[str] | None, seeds: list[int] | None) -> tuple[list[dict], list[str]]:

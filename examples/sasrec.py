@@ -14,12 +14,8 @@ Usage::
 Prints the comparison table and writes it as Markdown + JSON under ``runs/<dataset>/``.
 ``--help`` lists every flag (model size, fusion, lambda, patience, ...).
 """
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from examples.cli import compare, parser  # noqa: E402
+from cli import compare, parser
 
 MODELS = ["SASRec", "SASRecF", "NOVA", "DIFSASRec"]
 

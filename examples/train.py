@@ -1,11 +1,16 @@
 """Shared training loop: batches, losses, full-ranking evaluation, early stopping, checkpoints, DDP.
 
-Usage (library-style; the entry points are ``sasrec.py``, ``bert4rec.py``, ``ablation.py``)::
+Usage (library-style, with ``examples/`` on the import path; the entry points are ``sasrec.py``,
+``bert4rec.py``, ``ablation.py``)::
 
-    from examples.data import load_dataset
-    from examples.train import TrainConfig, run
-    result = run(load_dataset("ml-100k"), "DIFSASRec", TrainConfig(epochs=50, seed=0))
+    from data import load_dataset
+    from train import TrainConfig, run
+    result = run(load_dataset("ml-100k"), "DIFSASRec", TrainConfig(epochs=50, seed=0), {"dim": 64, "fusion": "gate"})
     result["test"]["NDCG@10"]
+
+Training settings live in :class:`TrainConfig`; model settings are a plain dict passed straight to
+:func:`dif_attention.models.build_model` (keywords a model does not take are dropped, so one dict serves every
+model of a comparison).
 
 Losses (full softmax over all items, class 0 included as in RecBole, its score is -inf at evaluation):
 
@@ -29,7 +34,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,32 +48,19 @@ except ImportError:  # pragma: no cover
     tqdm = None
 
 from dif_attention import aap_loss, multi_hot
+from dif_attention.models import build_model, full_softmax_cross_entropy, save_model
 
-from .models import build_model
-
-__all__ = ["TrainConfig", "run", "evaluate", "batch_metrics", "rank_metrics", "append_item", "KS"]
+__all__ = ["TrainConfig", "run", "evaluate", "batch_metrics", "rank_metrics", "append_item", "make_model", "KS"]
 
 KS = (10, 20)
 
 
 @dataclass
 class TrainConfig:
-    """Every knob of a run (keyword configuration; CLI flags mirror these names)."""
-    dim: int = 64
-    ff_dim: int = 0  # feed-forward inner width; 0 = 4 * dim
-    layers: int = 2
-    heads: int = 2
-    attr_dim: int = 64
-    max_len: int = 50
-    dropout: float = 0.5
-    attn_dropout: float = 0.5
-    fusion: str = "gate"
-    pooling: str = "sum"
-    trainable_attributes: bool = True
-    attr_init_std: float = 0.02
-    lamb: float = 10.0
+    """Every training knob of a run (keyword configuration; CLI flags mirror these names). Model settings
+    (width, depth, fusion, dropout, ...) are the model's own keywords: see ``dif_attention.models``."""
+    lamb: float = 10.0  # AAP weight lambda (DIF models; SASRecF with aap=True)
     aap_init: str = "prior"  # AAP head biases: "prior" (log-odds of each label's training rate) or "zero" (reference)
-    aap: bool = False  # SASRecF only: add the attribute predictors (the paper's "w/o DIF" ablation)
     lr: float = 1e-3
     warmup: int = 0  # optimiser steps of linear learning-rate warm-up from 0 (0 = none)
     optimizer: str = "adam"  # or "sgd" (plain SGD: used by the DDP test, where Adam would hide a gradient scale)
@@ -83,21 +75,21 @@ class TrainConfig:
     mask_ratio: float = 0.2
     ft_ratio: float = 0.5
     seed: int = 0
-    backend: str = "auto"
     precision: str = "fp32"  # training matmuls in "fp32" or "bf16" (CPU/CUDA autocast); evaluation is always fp32
     max_train_seconds: float = 0.0
     out_dir: str = "runs"
+    tag: str = ""  # suffix of the run folder (keeps ablation variants apart)
     resume: bool = False
     save: bool = True
     progress: bool = True
     log: bool = True
-    extra: dict = field(default_factory=dict)
 
-    def model_kwargs(self) -> dict:
-        return dict(dim=self.dim, ff_dim=self.ff_dim or None, layers=self.layers, heads=self.heads, attr_dim=self.attr_dim,
-                    max_len=self.max_len, dropout=self.dropout, attn_dropout=self.attn_dropout,
-                    fusion=self.fusion, pooling=self.pooling, trainable_attributes=self.trainable_attributes,
-                    attr_init_std=self.attr_init_std, backend=self.backend, aap=self.aap)
+
+def make_model(dataset, model_name: str, model: dict | None = None):
+    """``build_model(model_name, ...)`` for ``dataset`` (its item count and attribute tables) with the model
+    settings ``model``; settings the model does not take are dropped."""
+    return build_model(model_name, num_items=dataset.num_items, item_tables=dataset.tables or None,
+                       num_classes=dataset.num_classes or None, strict=False, **(model or {}))
 
 
 # ---------------------------------------------------------------------------------------------- distributed
@@ -209,11 +201,11 @@ def training_arrays(dataset, model, cfg: TrainConfig) -> tuple[np.ndarray, np.nd
         raise ValueError(f"train_mode: expected 'all' or 'prefix', got {cfg.train_mode!r}")
     if model.causal:
         if cfg.train_mode == "all":
-            return dataset.window_samples(cfg.max_len)
-        return dataset.prefix_samples(cfg.max_len)
+            return dataset.window_samples(model.max_len)
+        return dataset.prefix_samples(model.max_len)
     if cfg.train_mode == "all":
-        return dataset.train_windows(cfg.max_len), None
-    hist, tgt = dataset.prefix_samples(cfg.max_len)
+        return dataset.train_windows(model.max_len), None
+    hist, tgt = dataset.prefix_samples(model.max_len)
     seqs, pos = append_item(torch.from_numpy(hist), torch.from_numpy(tgt))
     seqs[torch.arange(len(seqs)), pos] = torch.from_numpy(tgt)
     return seqs.numpy(), None
@@ -230,55 +222,6 @@ def attribute_rates(items: np.ndarray, tables: dict, num_classes: dict) -> dict[
         hot = multi_hot(table, num_classes[a]).double()  # (num_items + 1, V)
         out[a] = (counts @ hot / max(len(ids), 1)).float()
     return out
-
-
-class _FullSoftmaxCE(torch.autograd.Function):
-    """``sum_r CE(h_r @ weight.T + bias, target_r)``. The forward works through row chunks (the float32 softmax
-    of a chunk stays small and in cache) and stores only the gradient of the logits, ``softmax - onehot``, in
-    ``dtype``; the backward is two matmuls. No ``(r, V)`` log-softmax buffer, no log-softmax backward pass."""
-
-    @staticmethod
-    def forward(ctx, h, weight, bias, target, dtype, chunk):
-        hd, wd = h.to(dtype), weight.to(dtype)
-        acc = torch.promote_types(dtype, torch.float32)  # softmax statistics in float32 (float64 stays)
-        grad_logits = torch.empty(h.shape[0], weight.shape[0], dtype=dtype, device=h.device)
-        loss = h.new_zeros((), dtype=acc)
-        dbias = torch.zeros(weight.shape[0], dtype=acc, device=h.device) if bias is not None else None
-        for s in range(0, h.shape[0], chunk):
-            f = (hd[s:s + chunk] @ wd.T).to(acc)  # no copy when dtype is already acc
-            if bias is not None:
-                f += bias
-            f.sub_(f.amax(-1, keepdim=True))
-            t = target[s:s + chunk, None]
-            picked = f.gather(1, t)
-            total = f.exp_().sum(-1, keepdim=True)
-            loss += (total.log() - picked).sum()
-            f.div_(total).scatter_add_(1, t, torch.full_like(picked, -1.0))
-            if dbias is not None:
-                dbias += f.sum(0)
-            grad_logits[s:s + chunk] = f
-        ctx.save_for_backward(hd, wd, grad_logits, dbias)
-        ctx.dtypes = (h.dtype, weight.dtype)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad):
-        hd, wd, g, dbias = ctx.saved_tensors
-        dh = ((g @ wd) * grad).to(ctx.dtypes[0])  # the (r, V) buffer is scaled through the small outputs
-        dw = ((g.T @ hd) * grad).to(ctx.dtypes[1])
-        dbias = None if dbias is None else (dbias * grad).to(ctx.dtypes[1])
-        return dh, dw, dbias, None, None, None
-
-
-def full_softmax_cross_entropy(h: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor) -> Tensor:
-    """Summed cross-entropy of ``h (r, d)`` against all ``V`` items of ``weight (V, d)`` (+ ``bias (V,)``).
-
-    Equal to ``F.cross_entropy(h @ weight.T + bias, target, reduction="sum")`` up to float rounding; the matmuls
-    run in the autocast dtype when CPU/CUDA autocast is on (``--precision bf16``), the softmax in float32."""
-    dev = h.device.type
-    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
-    with torch.autocast(dev, enabled=False):
-        return _FullSoftmaxCE.apply(h, weight, bias, target, dtype, max(1, (1 << 22) // weight.shape[0]))
 
 
 def batch_loss(model, core, batch: tuple, cfg: TrainConfig, tables: dict, gen: torch.Generator, rank: int,
@@ -330,18 +273,30 @@ def epoch_batches(inputs: np.ndarray, cfg: TrainConfig, gen: torch.Generator) ->
     return [batches[i] for i in perm]
 
 
-def trim_width(ids: np.ndarray, cfg: TrainConfig) -> int:
+def trim_width(ids: np.ndarray, model) -> int:
     """Columns to keep: right-padded batches drop trailing all-padding columns (exact for length-agnostic
-    fusions; the paper-exact ``*_exact`` fusions need the full ``max_len``)."""
-    if cfg.fusion.endswith("_exact"):
+    fusions; the paper-exact fusions, ``model.length_bound``, need the full ``max_len``)."""
+    if getattr(model, "length_bound", False):
         return ids.shape[1]
     return max(int((ids != 0).sum(-1).max()), 1)
 
 
 # ---------------------------------------------------------------------------------------------- the loop
 def run_dir(cfg: TrainConfig, dataset_name: str, model_name: str) -> Path:
-    tag = cfg.extra.get("tag")
-    return Path(cfg.out_dir) / dataset_name / (f"{model_name}-{tag}" if tag else model_name) / f"seed{cfg.seed}"
+    name = f"{model_name}-{cfg.tag}" if cfg.tag else model_name
+    return Path(cfg.out_dir) / dataset_name / name / f"seed{cfg.seed}"
+
+
+def model_settings(model) -> dict:
+    """The model's hyper-parameters without its data (attribute tables, item count): what a run chose."""
+    return {k: v for k, v in model.config().items() if k not in ("item_tables", "num_classes", "num_items", "name")}
+
+
+def atomic_save(obj, path: Path) -> None:
+    """``torch.save`` to a temporary file, then rename: a kill during the write leaves the old file."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
 def log(cfg, rank, *msg):
@@ -349,13 +304,14 @@ def log(cfg, rank, *msg):
         print(*msg, flush=True)
 
 
-def run(dataset, model_name: str, cfg: TrainConfig) -> dict:
-    """Train ``model_name`` on ``dataset`` with early stopping, restore the best checkpoint, test it.
-    Returns (and writes to ``<run dir>/result.json``) the config, metrics and timings."""
+def run(dataset, model_name: str, cfg: TrainConfig, model_config: dict | None = None) -> dict:
+    """Train ``model_name`` (built with the settings ``model_config``) on ``dataset`` with early stopping,
+    restore the best checkpoint, test it. Returns (and writes to ``<run dir>/result.json``) the configs,
+    metrics and timings; ``best.pt`` is written with ``dif_attention.models.save_model``."""
     rank, world = dist_info()
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    core = build_model(model_name, dataset.info, **cfg.model_kwargs())
+    core = make_model(dataset, model_name, model_config)
     model = core
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(core, find_unused_parameters=core.has_aap and not cfg.lamb)
@@ -373,14 +329,14 @@ def run(dataset, model_name: str, cfg: TrainConfig) -> dict:
     if core.has_aap and cfg.aap_init == "prior":
         core.predictor.init_prior_(attribute_rates(inputs if targets is None else targets, dataset.tables,
                                                    dataset.num_classes))
-    valid = dataset.split("valid", cfg.max_len)
-    test = dataset.split("test", cfg.max_len)
+    valid = dataset.split("valid", core.max_len)
+    test = dataset.split("test", core.max_len)
     out = run_dir(cfg, dataset.name, model_name)
     state = {"epoch": 0, "step": 0, "best": -1.0, "best_epoch": 0, "bad": 0, "history": [], "train_seconds": 0.0,
              "time_to_best": 0.0}
     best_state = None
     if cfg.resume and (out / "last.pt").exists():
-        ck = torch.load(out / "last.pt", weights_only=False)
+        ck = torch.load(out / "last.pt", weights_only=True)
         core.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         state = ck["state"]
@@ -401,7 +357,7 @@ def run(dataset, model_name: str, cfg: TrainConfig) -> dict:
         bar = tqdm(batches, desc=f"{model_name} ep{epoch}", leave=False,
                    disable=not cfg.progress or rank != 0 or None) if tqdm else batches
         for idx in bar:
-            width = trim_width(inputs[idx], cfg)
+            width = trim_width(inputs[idx], core)
             batch = (inputs[idx, :width],) if targets is None else (inputs[idx, :width],
                                                                    targets[idx] if targets.ndim == 1 else
                                                                    targets[idx, :width])
@@ -422,7 +378,7 @@ def run(dataset, model_name: str, cfg: TrainConfig) -> dict:
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
             t1 = time.perf_counter()
             metrics = evaluate(core, *valid, batch_size=cfg.eval_batch_size, rank=rank, world=world,
-                               trim=not cfg.fusion.endswith("_exact"))
+                               trim=not getattr(core, "length_bound", False))
             record.update(valid=metrics, eval_seconds=time.perf_counter() - t1)
             if metrics["NDCG@10"] > state["best"]:
                 state.update(best=metrics["NDCG@10"], best_epoch=epoch, bad=0, time_to_best=state["train_seconds"])
@@ -437,17 +393,19 @@ def run(dataset, model_name: str, cfg: TrainConfig) -> dict:
                        f"{seconds:.1f}s" + (f" valid R@10 {v['Recall@10']:.4f} N@10 {v['NDCG@10']:.4f}" if v else ""))
         if cfg.save and rank == 0:
             out.mkdir(parents=True, exist_ok=True)
-            torch.save({"model": core.state_dict(), "optimizer": opt.state_dict(), "state": state,
-                        "best_model": best_state, "config": asdict(cfg)}, out / "last.pt")
+            atomic_save({"model": core.state_dict(), "optimizer": opt.state_dict(), "state": state,
+                         "best_model": best_state, "config": asdict(cfg),
+                         "model_config": model_settings(core)}, out / "last.pt")
         if cfg.max_train_seconds and state["train_seconds"] > cfg.max_train_seconds:
             log(cfg, rank, f"[{model_name} seed {cfg.seed}] time budget {cfg.max_train_seconds:.0f}s reached")
             break
     if best_state is not None:
         core.load_state_dict(best_state)
     test_metrics = evaluate(core, *test, batch_size=cfg.eval_batch_size, rank=rank, world=world,
-                            trim=not cfg.fusion.endswith("_exact"))
+                            trim=not getattr(core, "length_bound", False))
     epochs_timed = [r["epoch_seconds"] for r in state["history"]]
     result = {"dataset": dataset.name, "model": model_name, "seed": cfg.seed, "config": asdict(cfg),
+              "model_config": model_settings(core),
               "parameters": n_params, "world_size": world, "epochs": state["epoch"],
               "best_epoch": state["best_epoch"], "best_valid_ndcg10": state["best"], "test": test_metrics,
               "train_seconds": state["train_seconds"], "time_to_best_seconds": state["time_to_best"],
@@ -455,7 +413,7 @@ def run(dataset, model_name: str, cfg: TrainConfig) -> dict:
               "history": state["history"]}
     if cfg.save and rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        torch.save(best_state, out / "best.pt")
+        save_model(core, out / "best.pt")
         (out / "result.json").write_text(json.dumps(result, indent=1))
     log(cfg, rank, f"[{model_name} seed {cfg.seed}] test " + " ".join(f"{k} {v:.4f}" for k, v in test_metrics.items()))
     return result

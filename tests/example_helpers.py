@@ -2,7 +2,7 @@
 is predictable from the last one, and each item's attribute is its residue mod 4."""
 import random
 
-from examples.data import from_sequences
+from data import from_sequences
 
 
 def synthetic(users: int = 40, items: int = 30, seed: int = 0):

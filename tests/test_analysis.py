@@ -1,12 +1,13 @@
-"""dif_attention.analysis: rank measures, valid blocks, bounds (Theorem 4.1), early-fusion score functions."""
+"""dif_attention.analysis: rank measures, valid blocks, bounds (Theorem 4.1), and the early-fusion baselines' rank."""
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dif_attention import DIFError, DecoupledAttention, DecoupledEncoder
-from dif_attention.analysis import (EarlyFusionAttention, InputFusion, block_ranks, effective_rank, head_widths,
-                                    layer_ranks, numerical_rank, rank_bound, summarize)
+from dif_attention.analysis import (block_ranks, effective_rank, head_widths, layer_ranks, numerical_rank, rank_bound,
+                                    summarize)
+from dif_attention.baselines import EarlyFusionAttention
 
 
 def low_rank(r, n, m=None, *, batch=(), seed=0, dtype=torch.float64):
@@ -101,24 +102,6 @@ def test_early_fusion_rank_never_exceeds_head_width(style, combine):
     assert r[0, 0].tolist() == [12] * heads  # L = 40 > d_h: capped at d_h
 
 
-def test_nova_values_come_from_items_only_sasrecf_from_the_fused_stream():
-    torch.manual_seed(0)
-    dim, n = 16, 6
-    x, pos = torch.randn(1, n, dim), torch.randn(n, dim)
-    a1 = {"c": torch.randn(1, n, dim)}
-    for style in ("nova", "sasrecf"):
-        m = EarlyFusionAttention(dim, 2, attr_dims={"c": dim}, style=style)
-        _, m1 = m(x, attrs=a1, pos=pos, return_scores=True)
-        shifted = {"c": a1["c"] - x}  # x' = 2x, c' = c - x: the same fused stream x' + c' = x + c
-        out2, m2 = m(2 * x, attrs=shifted, pos=pos, return_scores=True)
-        out1 = m(x, attrs=a1, pos=pos)
-        torch.testing.assert_close(m1["fused"], m2["fused"])
-        if style == "sasrecf":
-            torch.testing.assert_close(out1, out2)  # depends on x + c only
-        else:
-            assert not torch.allclose(out1, out2)  # values from the item stream alone
-
-
 @pytest.mark.parametrize("fusion", ["add", "gate", "concat"])
 def test_decoupled_rank_reaches_sum_of_head_widths_when_n_allows(fusion):
     """Theorem 4.1, second claim, on random inputs: DIF scores reach min(L, d_h + d_h + sum_j d_hj) > d_h."""
@@ -147,18 +130,3 @@ def test_encoder_maps_give_one_rank_per_layer():
     assert r[:, 0].unique().tolist() == [20] and r[:, 1].unique().tolist() == [11]  # bound 8 + 8 + 4 = 20
     eff = layer_ranks(maps, torch.tensor([20, 11]), measure="effective")
     assert (eff > 1).all() and (eff <= r).all()
-
-
-def test_input_fusion_modes_and_errors():
-    x, c = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
-    torch.testing.assert_close(InputFusion(8, attr_dims={"c": 8})(x, attrs={"c": c}), x + c)
-    f = InputFusion(8, attr_dims={"c": 4}, combine="concat")
-    assert f(x, attrs={"c": torch.randn(2, 5, 4)}, pos=torch.randn(5, 8)).shape == (2, 5, 8)
-    with pytest.raises(DIFError, match="attr_dims\\['c'\\]: expected width 8"):
-        InputFusion(8, attr_dims={"c": 4})
-    with pytest.raises(DIFError, match="attrs: expected exactly the declared attributes"):
-        InputFusion(8, attr_dims={"c": 8})(x, attrs={})
-    with pytest.raises(DIFError, match="style: expected one of"):
-        EarlyFusionAttention(8, 2, style="late")
-    with pytest.raises(DIFError, match="pos: expected the position embedding"):
-        EarlyFusionAttention(8, 2)(x)

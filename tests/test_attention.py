@@ -82,12 +82,19 @@ def test_return_scores_names_each_source():
     m = DecoupledAttention(32, 4, attr_dims={"cat": 8}, fusion="gate")
     x, attrs, pos, ids = _inputs(attr_dims={"cat": 8})
     out, maps = m(x, attrs=attrs, pos=pos, is_causal=True, return_scores=True)
-    assert list(maps) == ["item", "position", "cat", "fused", "probs"]
+    assert list(maps) == ["item", "position", "cat", "fused", "probs", "gates"]
+    assert list(maps.sources) == ["item", "position", "cat"]
     assert maps["item"].shape == (3, 4, 9, 9) and maps["position"].shape == (1, 4, 9, 9)
+    gates = maps.gates  # (b, h, n, s): per-row source weights, the fused scores are their mix
+    assert gates.shape == (3, 4, 9, 3)
+    torch.testing.assert_close(gates.sum(-1), torch.ones(3, 4, 9))
+    mixed = sum(gates[..., s:s + 1] * maps[name] for s, name in enumerate(maps.sources))
+    torch.testing.assert_close(maps.fused, mixed)
     torch.testing.assert_close(out, m(x, attrs=attrs, pos=pos, is_causal=True))
     probs = maps["probs"]
     torch.testing.assert_close(probs.sum(-1), torch.ones(3, 4, 9))
     assert probs.triu(1).abs().max() == 0
+    assert DecoupledAttention(32, 4, fusion="add")(x, pos=pos, return_scores=True)[1].gates is None
 
 
 def test_position_score_is_computed_once_per_forward():

@@ -31,7 +31,7 @@ class TinyDIF(nn.Module):
         self.items = nn.Embedding(NUM_ITEMS, DIM, padding_idx=0)
         self.pos = nn.Embedding(N, DIM)
         self.attrs = AttributeEmbedding({"cat": NUM_CATS}, 8, item_tables={"cat": table})
-        self.encoder = DecoupledEncoder(2, DIM, 2, attr_dims={"cat": 8}, fusion=fusion, dropout=0.2,
+        self.encoder = DecoupledEncoder(2, DIM, 2, attr_dims={"cat": 8}, fusion=fusion, hidden_dropout=0.2,
                                         attn_dropout=0.2)
         self.predictor = AttributePredictor(DIM, {"cat": NUM_CATS})
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import copy
 import io
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +14,8 @@ import torch._dynamo as dynamo
 from torch import nn
 
 from dif_attention import (AttributeEmbedding, ConcatFusion, DecoupledAttention, DecoupledEncoder, DIFError,
-                           GateFusion, padding_mask)
+                           GateFusion, aap_loss, padding_mask, total_loss)
+from dif_attention.models import ATTRIBUTE_MODELS, MODELS, build_model
 from precision import assert_within
 
 B, N, DIM, HEADS, ATTR = 2, 5, 16, 2, 8
@@ -45,7 +44,7 @@ def graph_breaks(fn, *args, **kwargs):
 @pytest.mark.parametrize("name", ["add", "concat", "gate", "concat-L", "gate-L"])
 def test_attention_has_no_graph_breaks(name):
     torch.manual_seed(0)
-    m = DecoupledAttention(DIM, HEADS, attr_dims={"cat": ATTR}, fusion=fusion(name), dropout=0.1).train()
+    m = DecoupledAttention(DIM, HEADS, attr_dims={"cat": ATTR}, fusion=fusion(name), attn_dropout=0.1).train()
     x, attrs, pos, mask = inputs()
     count, reasons = graph_breaks(m, x, attrs=attrs, pos=pos, mask=mask, is_causal=True)
     assert count == 0, reasons
@@ -55,7 +54,7 @@ def test_attention_has_no_graph_breaks(name):
 def test_encoder_has_no_graph_breaks(norm_first):
     torch.manual_seed(0)
     m = DecoupledEncoder(1 + norm_first, DIM, HEADS, attr_dims={"cat": ATTR}, fusion="gate", norm_first=norm_first,
-                         dropout=0.1)
+                         hidden_dropout=0.1)
     x, attrs, pos, mask = inputs()
     count, reasons = graph_breaks(m, x, attrs=attrs, pos=pos, mask=mask, is_causal=True)
     assert count == 0, reasons
@@ -71,33 +70,41 @@ def test_embedding_and_predictor_have_no_graph_breaks():
         emb(items=ids + 12)
 
 
-def example_models():
-    root = str(Path(__file__).resolve().parents[1])
-    if root not in sys.path:
-        sys.path.append(root)
-    try:
-        from examples.models import MODELS
-    except ImportError:
-        return []
-    return sorted(MODELS)
-
-
-NO_EXAMPLES = [pytest.param("none", marks=pytest.mark.skip(reason="examples/ not importable"))]
-
-
-@pytest.mark.parametrize("name", example_models() or NO_EXAMPLES)
-def test_example_models_have_no_graph_breaks(name):
-    from examples.models import ATTRIBUTE_MODELS, MODELS
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_models_have_no_graph_breaks(name):
     torch.manual_seed(0)
     kw = dict(num_items=20, dim=DIM, layers=1, heads=HEADS, max_len=N)
     if name in ATTRIBUTE_MODELS:
-        kw.update(tables={"cat": torch.randint(0, 5, (22, 2))}, num_classes={"cat": 5})
+        kw.update(item_tables={"cat": torch.randint(0, 5, (21, 2))}, num_classes={"cat": 5})
     if name.startswith("DIF"):
         kw.update(attr_dim=ATTR)
-    model = MODELS[name](**kw)
+    model = build_model(name, **kw)
     ids = torch.tensor([[0, 0, 3, 4, 5], [1, 2, 3, 4, 5]])
     count, reasons = graph_breaks(model, ids)
     assert count == 0, reasons
+
+
+def test_training_step_with_the_aap_loss_has_no_graph_breaks():
+    """Item loss + lambda * AAP loss over the supervised rows, as a training step computes it."""
+    torch.manual_seed(0)
+    model = build_model("DIFSASRec", num_items=20, item_tables={"cat": torch.randint(0, 5, (21, 2))},
+                        num_classes={"cat": 5}, dim=DIM, layers=1, heads=HEADS, max_len=N, attr_dim=ATTR)
+    ids = torch.tensor([[0, 0, 3, 4, 5], [1, 2, 3, 4, 5]])
+    targets = torch.tensor([[0, 0, 4, 5, 6], [2, 3, 4, 5, 6]])
+
+    def step(ids, targets):
+        h = model(ids)
+        logits = model.attribute_logits(h)
+        valid = targets != 0
+        parts = aap_loss(logits, {"cat": model.item_tables["cat"][targets]}, valid=valid)
+        item = torch.nn.functional.cross_entropy(model.item_scores(h).flatten(0, 1), targets.flatten(),
+                                                 ignore_index=0)
+        return total_loss(item, parts, lamb=10.0)
+
+    count, reasons = graph_breaks(step, ids, targets)
+    assert count == 0, reasons
+    eager = step(ids, targets)
+    assert torch.isfinite(eager)
 
 
 class CountingBackend:
@@ -214,7 +221,7 @@ def test_deterministic_repeats_are_bit_identical():
         results = []
         for _ in range(2):
             torch.manual_seed(123)
-            m = DecoupledEncoder(2, DIM, HEADS, attr_dims={"cat": ATTR}, fusion="gate", dropout=0.2,
+            m = DecoupledEncoder(2, DIM, HEADS, attr_dims={"cat": ATTR}, fusion="gate", hidden_dropout=0.2,
                                  attn_dropout=0.2).train()
             x, attrs, pos, mask = inputs()
             out = m(x, attrs=attrs, pos=pos, mask=mask, is_causal=True)

@@ -1,15 +1,12 @@
 """Readers (RecBole atomic, S3-Rec), k-core, stable chronological leave-one-out, training samples."""
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from examples.data import DataError, k_core, load_atomic, load_dataset, load_s3rec, read_atomic, read_s3rec  # noqa: E402
+from data import DataError, k_core, load_atomic, load_dataset, load_s3rec, read_atomic, read_s3rec
 
 
 def write(path: Path, text: str) -> Path:

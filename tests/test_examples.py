@@ -1,49 +1,15 @@
 """Smoke runs of the examples on a tiny synthetic dataset: every model trains, learns, resumes, writes tables."""
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from example_helpers import synthetic, write_s3rec
+from dif_attention.models import MODELS, load_model
+from train import TrainConfig, make_model, run
 
-from example_helpers import synthetic, write_s3rec  # noqa: E402
-from examples.models import MODELS, build_model  # noqa: E402
-from examples.train import TrainConfig, run  # noqa: E402
-
-TINY = dict(dim=16, heads=2, layers=1, attr_dim=8, max_len=12, batch_size=16, dropout=0.1, attn_dropout=0.1,
-            save=False, progress=False, log=False)
-
-
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_forward_contract(name):
-    ds = synthetic()
-    m = build_model(name, ds.info, dim=16, heads=2, layers=2, attr_dim=8, max_len=12).eval()
-    ids = torch.tensor([[1, 2, 3, 0], [4, 5, 6, 7]])
-    h = m(ids)
-    h2, maps = m(ids, return_scores=True)
-    assert h.shape == (2, 4, 16) and torch.allclose(h, h2, atol=1e-5)
-    assert len(maps) == 2 and all(mp["fused"].shape == (2, 2, 4, 4) for mp in maps)
-    assert m.item_scores(h).shape == (2, 4, ds.num_items + 1)
-    if name.startswith("DIF"):
-        assert {"item", "position", "residue"} <= set(maps[0])
-        assert m.attribute_logits(h)["residue"].shape == (2, 4, ds.num_classes["residue"])
-
-
-def test_causal_models_do_not_see_the_future():
-    ds = synthetic()
-    for name in ("SASRec", "SASRecF", "NOVA", "DIFSASRec"):
-        m = build_model(name, ds.info, dim=16, heads=2, layers=2, attr_dim=8, max_len=12).eval()
-        a, b = torch.tensor([[1, 2, 3, 4]]), torch.tensor([[1, 2, 9, 10]])
-        assert torch.allclose(m(a)[:, :2], m(b)[:, :2], atol=1e-5), name
-
-
-def test_dif_bert_mask_has_padding_attributes():
-    ds = synthetic()
-    m = build_model("DIFBERT4Rec", ds.info, dim=16, heads=2, layers=1, attr_dim=8, max_len=12)
-    tokens = m.attr_emb.lookup(torch.tensor([[m.mask_id, 1]]))["residue"]
-    assert tokens[0, 0].abs().sum() == 0 and tokens[0, 1].abs().sum() > 0
+TINY = dict(batch_size=16, save=False, progress=False, log=False)
+TINY_MODEL = dict(dim=16, heads=2, layers=1, attr_dim=8, max_len=12, hidden_dropout=0.1, attn_dropout=0.1)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -51,7 +17,7 @@ def test_two_epoch_smoke_and_learning(name):
     ds = synthetic()
     bert = "BERT" in name
     cfg = TrainConfig(**TINY, epochs=2, lr=1e-2, lamb=1.0, patience=5)
-    r = run(ds, name, cfg)
+    r = run(ds, name, cfg, TINY_MODEL)
     assert r["epochs"] == 2 and len(r["history"]) == 2
     assert all(0.0 <= v <= 1.0 for v in r["test"].values())
     assert r["test"]["Recall@20"] >= r["test"]["Recall@10"]
@@ -61,26 +27,29 @@ def test_two_epoch_smoke_and_learning(name):
 def test_models_learn_the_walk(name):
     """The next item is a function of the last one: far above the random Recall@10 of 10/30."""
     ds = synthetic()
-    cfg = TrainConfig(**{**TINY, "dropout": 0.0, "attn_dropout": 0.0}, epochs=12, lr=2e-2, lamb=1.0, patience=12)
-    assert run(ds, name, cfg)["test"]["Recall@10"] > 0.6
+    cfg = TrainConfig(**TINY, epochs=12, lr=2e-2, lamb=1.0, patience=12)
+    model = {**TINY_MODEL, "hidden_dropout": 0.0, "attn_dropout": 0.0}
+    assert run(ds, name, cfg, model)["test"]["Recall@10"] > 0.6
 
 
 def test_prefix_mode_and_resume(tmp_path):
     ds = synthetic()
     cfg = TrainConfig(**{**TINY, "save": True}, epochs=1, out_dir=str(tmp_path), train_mode="prefix", lamb=1.0)
-    run(ds, "DIFSASRec", cfg)
+    run(ds, "DIFSASRec", cfg, TINY_MODEL)
     assert (tmp_path / "synthetic" / "DIFSASRec" / "seed0" / "last.pt").exists()
     cfg2 = TrainConfig(**{**TINY, "save": True}, epochs=2, out_dir=str(tmp_path), train_mode="prefix", lamb=1.0,
                        resume=True)
-    r = run(ds, "DIFSASRec", cfg2)
+    r = run(ds, "DIFSASRec", cfg2, TINY_MODEL)
     assert r["epochs"] == 2 and [h["epoch"] for h in r["history"]] == [1, 2]
     saved = json.loads((tmp_path / "synthetic" / "DIFSASRec" / "seed0" / "result.json").read_text())
-    assert saved["test"] == r["test"]
+    assert saved["test"] == r["test"] and saved["model_config"]["dim"] == 16
+    best = load_model(tmp_path / "synthetic" / "DIFSASRec" / "seed0" / "best.pt")  # carries its own config
+    assert type(best).__name__ == "DIFSASRec" and best.dim == 16 and best.max_len == 12
 
 
 def test_entry_scripts_on_user_files(tmp_path, capsys):
     txt = write_s3rec(tmp_path)
-    from examples import bert4rec, sasrec
+    import bert4rec, sasrec
     common = ["--dataset", str(txt), "--epochs", "2", "--dim", "16", "--attr-dim", "8", "--max-len", "12",
               "--layers", "1", "--batch-size", "16", "--out-dir", str(tmp_path / "runs"), "--progress", "false",
               "--seeds", "0,1"]
@@ -95,7 +64,7 @@ def test_entry_scripts_on_user_files(tmp_path, capsys):
 
 
 def test_ablation_runner(tmp_path):
-    from examples import ablation
+    import ablation
     txt = write_s3rec(tmp_path)
     res = ablation.main(["--dataset", str(txt), "--epochs", "1", "--dim", "16", "--attr-dim", "8", "--max-len",
                          "12", "--layers", "1", "--batch-size", "32", "--out-dir", str(tmp_path / "runs"),
@@ -109,14 +78,14 @@ def test_ablation_runner(tmp_path):
 
 def test_attribute_rates_and_prior_init(monkeypatch):
     import numpy as np
-    import examples.train as train
+    import train
     tables = {"cat": torch.tensor([[0, 0], [1, 2], [2, 0], [3, 3]])}  # item 3 lists token 3 twice: counted once
     items = np.array([[1, 2, 0], [3, 1, 0]])  # targets: items 1, 2, 3, 1 (0 = no target)
     rates = train.attribute_rates(items, tables, {"cat": 4})["cat"]
     torch.testing.assert_close(rates, torch.tensor([0.0, 2 / 4, 3 / 4, 1 / 4]))
     ds = synthetic()
     built = []
-    monkeypatch.setattr(train, "build_model", lambda *a, **k: built.append(build_model(*a, **k)) or built[-1])
+    monkeypatch.setattr(train, "make_model", lambda *a, **k: built.append(make_model(*a, **k)) or built[-1])
     for init in ("prior", "zero"):
         run(ds, "DIFSASRec", TrainConfig(epochs=0, aap_init=init, save=False, progress=False, log=False))
     prior, zero = (m.predictor.heads["residue"].bias for m in built)
@@ -126,7 +95,7 @@ def test_attribute_rates_and_prior_init(monkeypatch):
 
 
 def test_breakdown_reproduces_the_test_metric(tmp_path, capsys):
-    from examples import breakdown, sasrec
+    import breakdown, sasrec
     txt = write_s3rec(tmp_path)
     res = sasrec.main(["--dataset", str(txt), "--epochs", "1", "--dim", "16", "--attr-dim", "8", "--max-len", "12",
                        "--layers", "1", "--batch-size", "16", "--out-dir", str(tmp_path / "runs"), "--progress",
@@ -137,7 +106,7 @@ def test_breakdown_reproduces_the_test_metric(tmp_path, capsys):
         row = next(line for line in text.splitlines() if line.startswith(f"| {r['model']} |"))
         assert row.rstrip(" |").endswith(f"{r['test']['NDCG@10']:.4f}")
         assert len(row.split("|")) == 3 + (len(breakdown.EDGES) - 1) + 2  # model, seeds, buckets, all
-    from examples import report
+    import report
     png = tmp_path / "curves.png"
     md = report.main([str(tmp_path / "runs" / "toy"), "--curves", str(png)])
     assert "| DIFSASRec | 1 |" in md and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,21 +1,14 @@
 """The lean paper-scale step: the fused full-softmax loss, the ``--paper`` presets and the FLOP count of
-``benchmarks/paper_epoch.py``."""
-import sys
-from pathlib import Path
-
+``examples/paper_epoch.py``."""
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from example_helpers import synthetic  # noqa: E402
-from examples.cli import paper_config  # noqa: E402
-from examples.models import build_model  # noqa: E402
-from examples.train import TrainConfig, batch_loss, full_softmax_cross_entropy  # noqa: E402
+from cli import paper_config
+from dif_attention.models import full_softmax_cross_entropy
+from example_helpers import synthetic
+from train import TrainConfig, batch_loss, make_model
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -64,24 +57,25 @@ def test_paper_presets_per_dataset():
 
 
 def test_paper_flag_resolves_the_dataset_config():
-    from examples.cli import config_from_args, parser
+    from cli import config_from_args, parser
     args = parser("t", ["DIFSASRec"]).parse_args(["--dataset", "sports", "--paper", "--lr", "0.001"])
-    cfg = config_from_args(args)
-    assert (cfg.layers, cfg.heads, cfg.lamb, cfg.ff_dim, cfg.lr) == (3, 8, 5.0, 256, 0.001)
+    cfg, model = config_from_args(args)
+    assert (model["layers"], model["heads"], cfg.lamb, model["ff_dim"], cfg.lr) == (3, 8, 5.0, 256, 0.001)
+    assert (model["hidden_dropout"], model["attn_dropout"], model["fusion"]) == (0.5, 0.3, "gate")
 
 
 @pytest.mark.parametrize("name", ["SASRec", "SASRecF", "DIFSASRec"])
 def test_epoch_flop_count_matches_the_flop_counter(name):
     from paper_epoch import batch_flops
     ds = synthetic()
-    cfg = TrainConfig(dim=32, ff_dim=48, layers=2, heads=2, attr_dim=8, max_len=12, lamb=1.0, dropout=0.0,
-                      attn_dropout=0.0, backend="math")
-    model = build_model(name, ds.info, **cfg.model_kwargs())
+    cfg = TrainConfig(lamb=1.0)
+    model = make_model(ds, name, dict(dim=32, ff_dim=48, layers=2, heads=2, attr_dim=8, max_len=12,
+                                      hidden_dropout=0.0, attn_dropout=0.0, backend="math"))
     ids = torch.tensor([[1, 2, 3, 4, 5, 0], [6, 7, 8, 9, 10, 11]])
     tgt = torch.tensor([[2, 3, 4, 5, 6, 0], [7, 8, 9, 10, 11, 12]])
     with FlopCounterMode(display=False) as counter:
         loss, _ = batch_loss(model, model, (ids.numpy(), tgt.numpy()), cfg, ds.tables, torch.Generator(), 0, 1)
         loss.backward()
     counted = counter.get_total_flops()
-    ours = batch_flops(model, cfg, 2, 6, int((tgt != 0).sum()), ds.num_classes)
+    ours = batch_flops(model, cfg, 2, 6, int((tgt != 0).sum()))
     assert abs(ours - counted) / counted < 0.1, (ours, counted)

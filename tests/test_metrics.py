@@ -1,13 +1,9 @@
 """Full-ranking metrics against hand-computed cases."""
 import math
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from examples.train import append_item, bert_mask, rank_metrics  # noqa: E402
+from train import append_item, bert_mask, rank_metrics
 
 
 def test_rank_metrics_hand_cases():

@@ -37,7 +37,7 @@ def dists(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pkg")
     src = tmp / "src"
     for f in source_files():
-        if f.startswith(("runs/", "notes/", "benchmarks/", "examples/", "tests/")):
+        if f.startswith(("runs/", "notes/", "benchmarks/", "examples/", "tests/", "tools/", "docs/")):
             continue  # not part of the package; keeps the copy small
         (src / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / f, src / f)
@@ -60,7 +60,8 @@ def test_wheel_contents(dists):
                if p.is_file() and "__pycache__" not in p.parts}
     assert package <= names, f"missing from the wheel: {sorted(package - names)}"
     assert "dif_attention/py.typed" in names
-    assert not any(n.startswith(("tests/", "examples/", "benchmarks/")) for n in names)
+    assert not any(n.startswith(("tests/", "examples/", "benchmarks/", "tools/")) for n in names)
+    assert not any("compile_check" in n for n in names)  # developer tools stay outside the wheel
     dist_info = f"dif_attention-{version}.dist-info"
     assert any(n.startswith(f"{dist_info}/") and n.endswith("LICENSE") for n in names), "license file"
     meta = zipfile.ZipFile(wheel).read(f"{dist_info}/METADATA").decode()
@@ -83,9 +84,20 @@ def test_sdist_contents(dists):
 def test_wheel_installs_and_imports_in_a_fresh_venv(dists):
     tmp, _, wheel, _ = dists
     venv = tmp / "venv"
-    # system site packages provide torch/einops/numpy; --no-deps keeps the install offline and fast
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    # torch/einops/numpy come from the interpreter running the tests (a virtualenv or the system Python):
+    # a .pth line adds their folders (a venv's --system-site-packages would see the *base* interpreter's
+    # packages, not an active virtualenv's). Folders added this way do not run their own .pth files, so an
+    # editable install of this checkout stays invisible. --no-deps keeps the install offline and fast.
+    import einops
+    import numpy
+    import torch
+    dep_dirs = sorted({str(Path(m.__file__).resolve().parents[1]) for m in (torch, einops, numpy)})
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    Path(site).mkdir(parents=True, exist_ok=True)
+    (Path(site) / "test_deps.pth").write_text("\n".join(dep_dirs) + "\n")
     proc = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps",
                            "--no-index", "--disable-pip-version-check", "-q", str(wheel)],
                           capture_output=True, text=True, timeout=300)
@@ -94,6 +106,10 @@ def test_wheel_installs_and_imports_in_a_fresh_venv(dists):
         "import dif_attention as d, torch\n"
         "m = d.DecoupledAttention(8, 2, attr_dims={'cat': 4})\n"
         "y = m(torch.randn(1, 3, 8), attrs={'cat': torch.randn(1, 3, 4)}, pos=torch.randn(3, 8), is_causal=True)\n"
+        "from dif_attention.models import SASRec, SASRecF, NOVA, DIFSASRec, BERT4Rec, DIFBERT4Rec, build_model\n"
+        "t = torch.tensor([[0, 0], [1, 0], [2, 1], [1, 2]])\n"
+        "net = build_model('DIFSASRec', num_items=3, item_tables={'cat': t}, num_classes={'cat': 3}, dim=8, heads=2)\n"
+        "assert net(torch.tensor([[1, 2, 0]])).shape == (1, 3, 8)\n"
         "print(d.__file__, d.__version__, tuple(y.shape))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

@@ -1,17 +1,11 @@
-"""benchmarks/rank.py, trained_rank.py and visualize.py end to end on tiny configurations."""
+"""benchmarks/rank.py, examples/trained_rank.py and examples/visualize.py end to end on tiny configurations."""
 import json
 import random
-import sys
-from pathlib import Path
 
-import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCH))
-sys.path.insert(0, str(BENCH.parent))
-
-import rank  # noqa: E402
+import rank
+from dif_attention.analysis import valid_norms
 
 TINY = ["--dim", "16", "--heads", "2", "--layers", "2", "--attr-dim", "8", "--n", "20", "--samples", "6"]
 
@@ -55,8 +49,7 @@ def test_real_sequence_settings_respect_lengths(tmp_path):
 
 
 def test_trained_part_and_visualisation_on_a_tiny_dataset(tmp_path):
-    pytest.importorskip("examples.train")
-    from examples.data import from_sequences
+    from data import from_sequences
 
     import trained_rank
     import visualize
@@ -65,16 +58,16 @@ def test_trained_part_and_visualisation_on_a_tiny_dataset(tmp_path):
     users = {u: [int(i) for i in torch.randint(1, 31, (14,), generator=g)] for u in range(40)}
     cats = {i: [i % 5, 10 + i % 3] for i in range(1, 31)}
     ds = from_sequences("toy", users, {"cat": cats}, k=0)
-    args = rank.parse(TINY + ["--epochs", "1", "--runs", str(tmp_path / "runs")])
+    args = trained_rank.parse(TINY + ["--epochs", "1", "--runs", str(tmp_path / "runs")])
     args.datasets = [ds]
-    rows = trained_rank.run_trained(args, rank.measure)
+    rows = trained_rank.run_trained(args)
     assert [r["model"] for r in rows] == list(rank.KINDS)
     by = {r["model"]: r for r in rows}
     assert by["DIF"]["widths"] == [8, 8, 4]
     assert by["SASRecF"]["mean"] <= 8 and by["NOVA"]["mean"] <= 8 and by["DIF"]["mean"] <= min(14, 20)
     ckpt = list((tmp_path / "runs" / "toy").glob("DIFSASRec-rank-*/seed0/best.pt"))
     assert len(ckpt) == 1
-    again = trained_rank.run_trained(args, rank.measure)  # reuses the checkpoints: same numbers
+    again = trained_rank.run_trained(args)  # reuses the checkpoints: same numbers
     assert [r["mean"] for r in again] == [r["mean"] for r in rows]
 
     out = visualize.main(TINY[:8] + ["--length", "10", "--runs", str(tmp_path / "runs"),
@@ -105,7 +98,18 @@ def test_panels_are_attention_rows_or_raw_scores():
 def test_valid_norms_use_the_valid_block_only():
     torch.manual_seed(0)
     s = torch.randn(2, 3, 6, 6)
-    norms = rank.valid_norms([{"x": s}], torch.tensor([6, 4]), "x")
+    norms = valid_norms([{"x": s}], torch.tensor([6, 4]), "x")
     assert norms.shape == (1, 2, 3)
     torch.testing.assert_close(norms[0, 1], s[1, :, :4, :4].double().flatten(-2).norm(dim=-1))
     torch.testing.assert_close(norms[0, 0], s[0].double().flatten(-2).norm(dim=-1))
+
+
+def test_rank_benchmark_runs_its_trained_half_as_a_subprocess(tmp_path):
+    from example_helpers import write_s3rec
+    txt = write_s3rec(tmp_path)
+    rows = rank.main(TINY + ["--out", str(tmp_path / "out"), "--data", str(tmp_path / "no-data"), "--epochs", "1",
+                             "--runs", str(tmp_path / "runs"), "--datasets", str(txt)])
+    trained = [r for r in rows if r["setting"].startswith("trained")]
+    assert [r["model"] for r in trained] == list(rank.KINDS)
+    assert all(r["mean"] <= r["bound"] + 1e-9 for r in trained)
+    assert json.loads((tmp_path / "out" / "rank_trained.json").read_text())["rows"] == trained

@@ -14,18 +14,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = """
 import json, sys
-sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
+sys.path.insert(0, {examples!r}); sys.path.insert(0, {tests!r})
 import torch
 torch.set_num_threads(1)
 import torch.distributed as dist
 from example_helpers import synthetic
-from examples.train import TrainConfig, run
+from train import TrainConfig, run
 ds = synthetic()
 out = {{}}
 for name in ("DIFSASRec", "BERT4Rec"):
-    cfg = TrainConfig(dim=16, heads=2, layers=1, attr_dim=8, max_len=12, batch_size=32, dropout=0.0,
-                      attn_dropout=0.0, epochs=3, lr=0.5, optimizer="sgd", lamb=1.0, save=False, progress=False, log=False)
-    r = run(ds, name, cfg)
+    cfg = TrainConfig(batch_size=32, epochs=3, lr=0.5, optimizer="sgd", lamb=1.0, save=False, progress=False,
+                      log=False)
+    model = dict(dim=16, heads=2, layers=1, attr_dim=8, max_len=12, hidden_dropout=0.0, attn_dropout=0.0)
+    r = run(ds, name, cfg, model)
     out[name] = {{"loss": [h["loss"] for h in r["history"]], "test": r["test"], "world": r["world_size"]}}
 if not dist.is_initialized() or dist.get_rank() == 0:
     open(sys.argv[1], "w").write(json.dumps(out))
@@ -37,7 +38,7 @@ if dist.is_initialized():
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 def test_two_processes_match_one(tmp_path):
     script = tmp_path / "ddp_run.py"
-    script.write_text(SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests")))
+    script.write_text(SCRIPT.format(examples=str(ROOT / "examples"), tests=str(ROOT / "tests")))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
     subprocess.run([sys.executable, str(script), str(tmp_path / "one.json")], check=True, env=env, timeout=300)

@@ -1,16 +1,12 @@
 """benchmarks/kernels.py runs on CPU from a fresh checkout (tiny shapes) and writes its outputs."""
 import json
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before dif_attention.ops decorates its kernels
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import kernels  # noqa: E402
 

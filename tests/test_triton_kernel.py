@@ -15,6 +15,8 @@ triton = pytest.importorskip("triton")
 
 from dif_attention import DecoupledAttention, DIFError, decoupled_attention, reference_attention  # noqa: E402
 from dif_attention import ops  # noqa: E402
+from dif_attention.fusion import fold_sources, get_fusion  # noqa: E402
+from dif_attention.masks import causal_mask, combine_masks, lengths_allowed  # noqa: E402
 from helpers import make_fusion, make_inputs, make_mask  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -32,6 +34,15 @@ def _to(tensors, dtype=None):
 def _inputs(b=2, h=2, n=7, widths=(8, 8, 4), ev=6, dtype=torch.float32, seed=0):
     qs, ks, v = make_inputs(b=b, h=h, n=n, widths=widths, ev=ev, dtype=torch.float32, seed=seed)
     return _to(qs, dtype), _to(ks, dtype), _to([v], dtype)[0]
+
+
+def _kernel(qs, ks, v, *, fusion="add", lengths=None, is_causal=False, mask=None, **kw):
+    """The kernel on folded sources, with its own ``lengths`` argument (padding masked as keys and queries)."""
+    fusion = get_fusion(fusion)
+    allowed = combine_masks(mask, is_causal, v.shape[2], v.device, lengths=lengths)  # the default gate reads it
+    q, k, bias = fold_sources(qs, ks, allowed, fusion, batch=v.shape[0])
+    kw.setdefault("scale", qs[0].shape[-1] ** -0.5)  # the dispatcher's default: the item source's width
+    return ops.attention(q, k, v, bias=bias, mask=mask, lengths=lengths, is_causal=is_causal, **kw)
 
 
 def _grads(out, leaves, seed=1):
@@ -70,8 +81,8 @@ def test_odd_lengths_multi_tile(n):
     b, h = (2, 1) if n < 97 else (1, 1)
     qs, ks, v = _inputs(b=b, h=h, n=n, widths=(24, 8), ev=5)
     lengths = torch.tensor([n, max(1, n // 3)][:b], device=DEVICE)
-    allowed = ops.dispatch._lengths_allowed(lengths, n) & torch.ones(n, n, dtype=torch.bool, device=DEVICE).tril()
-    got = ops.triton_decoupled_attention(qs, ks, v, lengths=lengths, is_causal=True, block=16)
+    allowed = lengths_allowed(lengths, n) & causal_mask(n, device=DEVICE)
+    got = _kernel(qs, ks, v, lengths=lengths, is_causal=True, block=16)
     want, _ = reference_attention(qs, ks, v, mask=allowed)
     torch.testing.assert_close(got, want, **TOL[torch.float32])
     for a, c in zip(_grads(got, qs + ks + [v]), _grads(want, qs + ks + [v])):
@@ -115,9 +126,9 @@ def test_nan_poisoned_padding_never_leaks(route):
                           else t.detach().clone()).requires_grad_() for t in group])
     v_bad = clean[2].detach().masked_fill(~valid[:, None, :, None], float("nan")).requires_grad_()
     qs, ks = poisoned
-    allowed = ops.dispatch._lengths_allowed(lengths, n)
+    allowed = lengths_allowed(lengths, n)
     if route == "lengths":
-        got = ops.triton_decoupled_attention(qs, ks, v_bad, lengths=lengths, is_causal=True, block=16)
+        got = _kernel(qs, ks, v_bad, lengths=lengths, is_causal=True, block=16)
     else:
         got = decoupled_attention(qs, ks, v_bad, mask=allowed, is_causal=True, backend="triton")
     want, _ = reference_attention(*clean, mask=allowed, is_causal=True)
@@ -134,7 +145,7 @@ def test_dropout_matches_oracle_with_the_kernel_pattern():
     (1 - p), for values and gradients (so the backward regenerates the forward's pattern)."""
     n, p = 13, 0.3
     qs, ks, v = _inputs(n=n)
-    got = ops.triton_decoupled_attention(qs, ks, v, is_causal=True, dropout_p=p, seed=1234, block=16)
+    got = _kernel(qs, ks, v, is_causal=True, dropout_p=p, seed=1234, block=16)
     keep = ops.dropout_keep_mask(torch.tensor([1234], device=DEVICE), 2, 2, n, p)
     assert 0.55 < keep.float().mean().item() < 0.85
     _, maps = reference_attention(qs, ks, v, is_causal=True)
@@ -190,13 +201,18 @@ def test_unsupported_cases_raise_or_fall_back():
     assert any("float64" in r for r in reasons)
     with pytest.raises(DIFError, match="backend: .*float64"):
         decoupled_attention(qs, ks, v, backend="triton")
-    got = ops.triton_decoupled_attention(qs, ks, v, is_causal=True, strict=False)  # falls back to sdpa
-    want, _ = reference_attention(qs, ks, v, is_causal=True)
-    torch.testing.assert_close(got, want)
-    custom = torch.rand(5, 5, generator=torch.Generator().manual_seed(0)) > 0.4  # 2-d, not causal
-    got = ops.triton_decoupled_attention(qs, ks, v, allowed=custom.to(DEVICE), is_causal=True, strict=False)
-    want, _ = reference_attention(qs, ks, v, mask=custom.to(DEVICE), is_causal=True)
-    torch.testing.assert_close(got, want)
+    if DEVICE == "cuda":  # auto asks the kernels first on CUDA, then falls back to sdpa
+        os.environ["DIF_ATTENTION_TRITON"] = "1"
+    try:
+        got = decoupled_attention(qs, ks, v, is_causal=True)
+        want, _ = reference_attention(qs, ks, v, is_causal=True)
+        torch.testing.assert_close(got, want)
+        custom = torch.rand(5, 5, generator=torch.Generator().manual_seed(0)) > 0.4  # 2-d, not causal
+        got = decoupled_attention(qs, ks, v, mask=custom.to(DEVICE), is_causal=True)
+        want, _ = reference_attention(qs, ks, v, mask=custom.to(DEVICE), is_causal=True)
+        torch.testing.assert_close(got, want)
+    finally:
+        os.environ.pop("DIF_ATTENTION_TRITON", None)
     wide = [torch.zeros(1, 1, 4, ops.MAX_WIDTH + 1, device=DEVICE)]
     assert any("width" in r for r in ops.unsupported_reasons(wide, wide, torch.zeros(1, 1, 4, 8, device=DEVICE)))
     assert ops.unsupported_reasons(*_inputs(n=5)) == []
@@ -205,20 +221,20 @@ def test_unsupported_cases_raise_or_fall_back():
 def test_environment_switch_turns_the_kernels_off(monkeypatch):
     qs, ks, v = _inputs(n=5)
     monkeypatch.setenv("DIF_ATTENTION_TRITON", "0")
-    assert not ops.available()
-    assert any("DIF_ATTENTION_TRITON" in r for r in ops.unsupported_reasons(qs, ks, v))
-    with pytest.raises(DIFError, match="DIF_ATTENTION_TRITON"):
+    assert ops.available() and ops.unsupported_reasons(qs, ks, v) == []  # ops reports capability only
+    with pytest.raises(DIFError, match="DIF_ATTENTION_TRITON=0"):  # the dispatcher owns the switch
         decoupled_attention(qs, ks, v, backend="triton")
     monkeypatch.delenv("DIF_ATTENTION_TRITON")
-    assert ops.available()
+    torch.testing.assert_close(decoupled_attention(qs, ks, v, backend="triton"),
+                               decoupled_attention(qs, ks, v, backend="torch"), **TOL[torch.float32])
 
 
 def test_bad_arguments_are_named():
     qs, ks, v = _inputs(n=5)
     with pytest.raises(DIFError, match="lengths"):
-        ops.triton_decoupled_attention(qs, ks, v, lengths=torch.tensor([5.0, 2.0], device=DEVICE))
+        _kernel(qs, ks, v, lengths=torch.tensor([5.0, 2.0], device=DEVICE))
     with pytest.raises(DIFError, match="block"):
-        ops.triton_decoupled_attention(qs, ks, v, block=24)
+        _kernel(qs, ks, v, block=24)
 
 
 def test_custom_ops_pass_opcheck():
@@ -279,15 +295,19 @@ def test_autocast_half_matches_torch_backend():
 
 
 def test_one_dtype_reaches_the_kernel():
-    """A source promoted to fp32 (e.g. by an fp32 fusion parameter) is cast back by the fold, and the op
-    itself refuses mixed dtypes with a named error instead of a GPU compile error."""
-    from dif_attention.fusion import AddFusion
+    """A source promoted to fp32 (e.g. by an fp32 fusion parameter) is cast to v's dtype by the launcher, and
+    the op itself refuses mixed dtypes with a named error instead of a GPU compile error."""
     from dif_attention.ops.attention_op import fused_attention
 
     qs, ks, v = _inputs(n=5, dtype=torch.float16)
     qs[2] = qs[2].float()
-    q, k, _ = ops.dispatch._fold(qs, ks, None, AddFusion(), 2, dtype=torch.float16)
-    assert q.dtype == k.dtype == torch.float16
+    ks[2] = ks[2].float()
+    q, k, bias = fold_sources(qs, ks, None, get_fusion("add"), batch=2)
+    assert q.dtype == torch.float32  # torch.cat promoted the folded q
+    want, _ = reference_attention([t.float() for t in qs], [t.float() for t in ks], v.float())
+    got = ops.attention(q, k, v, bias=bias, scale=8 ** -0.5)
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.float(), want, **TOL[torch.float16])
     with pytest.raises(DIFError, match="one dtype"):
         fused_attention(q.float(), k, v, None, None, None, None, True, 0.5, 0.0, 0)
 

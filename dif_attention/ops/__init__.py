@@ -1,18 +1,31 @@
 """Fused GPU kernels (Triton). Imported lazily: ``import dif_attention`` works without triton.
 
-    available()                     -> bool: triton installed and CUDA (or TRITON_INTERPRET=1) present
-    unsupported_reasons(q, k, v, fusion=...) -> list[str]: why backend="triton" cannot run a case
-    triton_decoupled_attention(...) -> the fused attention (what backend="triton" calls)
+A leaf: these functions take already-folded, already-checked tensors and import only the ground floor
+(``errors``, ``masks``, ``fusion``); :func:`dif_attention.decoupled_attention` is the dispatcher that calls them.
+
+    available()                      -> bool: triton installed and CUDA (or TRITON_INTERPRET=1) present
+    unsupported_reasons(q, k, v, fusion=...) -> list[str]: why the kernels cannot run a case
+    attention(q, k, v, bias=, mask=, lengths=, is_causal=, scale=, dropout_p=, seed=, block=)
+                                     -> one fused attention over folded q/k (fusion.fold_sources)
+    paper_gates(queries, keys, fusion) -> the paper-exact gate weights from the fused energy kernel
     dropout_keep_mask(seed, b, h, n, p) -> the kernels' dropout pattern (bool (b, h, n, n)), for tests
 
 Tests on CPU: set ``TRITON_INTERPRET=1`` before this package's kernels are first imported.
 """
 from __future__ import annotations
 
-from .dispatch import MAX_WIDTH, available, interpreted, triton_decoupled_attention, unsupported_reasons
+from .launch import MAX_WIDTH, attention, available, interpreted, unsupported_reasons
 
-__all__ = ["available", "interpreted", "unsupported_reasons", "triton_decoupled_attention", "dropout_keep_mask",
+__all__ = ["available", "interpreted", "unsupported_reasons", "attention", "paper_gates", "dropout_keep_mask",
            "MAX_WIDTH"]
+
+
+def paper_gates(queries, keys, fusion):
+    """Gate weights ``(b|1, h, n, s)`` of a paper-exact ``GateFusion(max_len=n)``, the energies from the fused
+    kernel (no ``(b, h, n, n)`` score row per source in the forward)."""
+    from .gate_op import paper_gates as _impl
+
+    return _impl(list(queries), list(keys), fusion)
 
 
 def dropout_keep_mask(seed, b: int, h: int, n: int, dropout_p: float):

@@ -1,8 +1,8 @@
 """How close one paper-scale training epoch on this CPU comes to its matmul floor.
 
-    python benchmarks/paper_epoch.py                         # Beauty, DIF-SASRec, fp32 and bf16, 2 threads
-    python benchmarks/paper_epoch.py --models SASRec,DIFSASRec --precisions bf16 --threads 1
-    python benchmarks/paper_epoch.py --modes all,prefix --max-batches 20   # a quick look (part of an epoch)
+    python examples/paper_epoch.py                         # Beauty, DIF-SASRec, fp32 and bf16, 2 threads
+    python examples/paper_epoch.py --models SASRec,DIFSASRec --precisions bf16 --threads 1
+    python examples/paper_epoch.py --modes all,prefix --max-batches 20   # a quick look (part of an epoch)
 
 What it prints:
 
@@ -29,11 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from examples.cli import paper_config  # noqa: E402
-from examples.data import load_dataset  # noqa: E402
-from examples.train import TrainConfig, batch_loss, build_model, epoch_batches, training_arrays, trim_width  # noqa: E402
+from cli import TRAIN_FIELDS, paper_config
+from data import load_dataset
+from train import TrainConfig, batch_loss, epoch_batches, make_model, training_arrays, trim_width
 
 
 def cpu_name() -> str:
@@ -62,22 +60,24 @@ def gemm_rate(shapes, dtype, repeats: int = 5) -> float:
     return flops / secs
 
 
-def batch_flops(model, cfg: TrainConfig, rows: int, width: int, supervised: int, num_classes: dict) -> float:
-    """Matmul FLOPs of one training step (forward + backward = 3 x forward) of the example models."""
-    d, f, L, V = cfg.dim, cfg.ff_dim or 4 * cfg.dim, cfg.layers, model.num_items + 1
+def batch_flops(model, cfg: TrainConfig, rows: int, width: int, supervised: int) -> float:
+    """Matmul FLOPs of one training step of the example models (forward + backward = 3 x forward), counted
+    from the shapes: ``rows`` x ``width`` token slots, ``supervised`` positions scored against every item."""
+    d, L, V = model.dim, model.layers, model.num_items + 1
+    f = model.ff_dim or 4 * d
+    num_classes = getattr(model, "num_classes", {})
     T = rows * width
     per_layer = 2 * T * d * d * 4 + 2 * T * d * f * 2  # q, k, v, out projections; feed-forward
-    attn_width = d  # per-token width of q.k (all heads) and of probs @ v
     qk = d
     name = type(model).__name__
     if name.startswith("DIF"):
-        a = cfg.attr_dim * len(num_classes)
-        per_layer += 2 * T * cfg.attr_dim ** 2 * 2 * len(num_classes)  # attribute q, k projections
+        a = model.attr_dim * len(num_classes)
+        per_layer += 2 * T * model.attr_dim ** 2 * 2 * len(num_classes)  # attribute q, k projections
         per_layer += 2 * width * d * d * 2 + 2 * width * width * d  # position q, k and its (n, n) table, once
         qk = d + a
-        if cfg.fusion == "gate":  # each source's masked row mean q . (A K): one (n, n) @ (n, e) per source
+        if model.fusion == "gate":  # each source's masked row mean q . (A K): one (n, n) @ (n, e) per source
             per_layer += 2 * rows * width * width * (2 * d + a)
-    per_layer += 2 * rows * width * width * (qk + attn_width)  # scores and probs @ v
+    per_layer += 2 * rows * width * width * (qk + d)  # scores and probs @ v
     total = L * per_layer
     if name == "SASRecF":
         total += 2 * T * d * (1 + len(num_classes)) * d  # the fusion Linear of the inputs
@@ -87,9 +87,9 @@ def batch_flops(model, cfg: TrainConfig, rows: int, width: int, supervised: int,
     return 3.0 * total
 
 
-def run_epoch(dataset, name: str, cfg: TrainConfig, max_batches: int) -> dict:
+def run_epoch(dataset, name: str, cfg: TrainConfig, model: dict, max_batches: int) -> dict:
     torch.manual_seed(0)
-    core = build_model(name, dataset.info, **cfg.model_kwargs())
+    core = make_model(dataset, name, model)
     core.train()
     opt = torch.optim.Adam([p for p in core.parameters() if p.requires_grad], lr=cfg.lr)
     inputs, targets = training_arrays(dataset, core, cfg)
@@ -99,7 +99,7 @@ def run_epoch(dataset, name: str, cfg: TrainConfig, max_batches: int) -> dict:
         batches = batches[:max_batches]
 
     def step(idx):
-        width = trim_width(inputs[idx], cfg)
+        width = trim_width(inputs[idx], core)
         tgt = targets[idx] if targets.ndim == 1 else targets[idx, :width]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
             loss, _ = batch_loss(core, core, (inputs[idx, :width], tgt), cfg, dataset.tables, gen, 0, 1)
@@ -107,7 +107,7 @@ def run_epoch(dataset, name: str, cfg: TrainConfig, max_batches: int) -> dict:
         loss.backward()
         opt.step()
         supervised = len(idx) if targets.ndim == 1 else int((tgt != 0).sum())
-        return batch_flops(core, cfg, len(idx), width, supervised, dataset.num_classes), len(idx) * width
+        return batch_flops(core, cfg, len(idx), width, supervised), len(idx) * width
 
     step(batches[0])  # warm-up (allocator, oneDNN primitives)
     flops = slots = 0.0
@@ -137,10 +137,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     dataset = load_dataset(args.dataset)
-    base = dataclasses.replace(TrainConfig(), **paper_config(args.dataset))
+    preset = paper_config(args.dataset)
+    base = dataclasses.replace(TrainConfig(), **{k: v for k, v in preset.items() if k in TRAIN_FIELDS})
     base = dataclasses.replace(base, batch_size=args.batch_size, bucket=args.bucket, progress=False, log=False)
-    shapes = [(4096, base.dim, base.dim), (4096, base.dim, base.ff_dim or 4 * base.dim),
-              (2048, base.dim, dataset.num_items + 1)]
+    model = {k: v for k, v in preset.items() if k not in TRAIN_FIELDS}
+    shapes = [(4096, model["dim"], model["dim"]), (4096, model["dim"], model["ff_dim"]),
+              (2048, model["dim"], dataset.num_items + 1)]
     rates = {dt: gemm_rate(shapes, getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[dt]))
              for dt in ("fp32", "bf16")}
     command = "python " + " ".join(sys.argv)
@@ -148,8 +150,7 @@ def main(argv=None):
     print(f"{command}\n{cpu}, {args.threads} torch threads, torch {torch.__version__}")
     print(f"GEMM rate at the model's shapes {shapes}: fp32 {rates['fp32'] / 1e9:.0f} GFLOP/s, "
           f"bf16 {rates['bf16'] / 1e9:.0f} GFLOP/s")
-    print(f"{dataset.stats()}\nmodel: " + ", ".join(f"{k}={getattr(base, k)}" for k in
-                                                    ("dim", "ff_dim", "layers", "heads", "attr_dim", "lamb")))
+    print(f"{dataset.stats()}\nmodel: " + ", ".join(f"{k}={v}" for k, v in model.items()) + f", lamb={base.lamb}")
     rows = []
     print("| model | mode | precision | batches | seconds | epoch seconds | epoch TFLOP | floor s (fp32) "
           "| x floor | padding |\n|---|---|---|---|---|---|---|---|---|---|")
@@ -157,7 +158,7 @@ def main(argv=None):
         for mode in args.modes.split(","):
             for prec in args.precisions.split(","):
                 cfg = dataclasses.replace(base, train_mode=mode, precision=prec)
-                r = run_epoch(dataset, name, cfg, args.max_batches)
+                r = run_epoch(dataset, name, cfg, model, args.max_batches)
                 share = r["batches"] / r["of_batches"]
                 r["epoch_seconds"] = r["seconds"] / share  # extrapolated when --max-batches cuts the epoch
                 r["epoch_flops"] = r["flops"] / share

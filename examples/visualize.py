@@ -1,9 +1,9 @@
 """Attention maps of one sequence, per layer and per source (the paper's Figure 7).
 
-    python benchmarks/visualize.py                        # trained DIF-SASRec on ML-100K, one user, head 0
-    python benchmarks/visualize.py --dataset beauty --length 15 --head 1
-    python benchmarks/visualize.py --init                 # the same model at initialisation (no training)
-    python benchmarks/visualize.py --show attention       # softmax weights instead of centred logits
+    python examples/visualize.py                        # trained DIF-SASRec on ML-100K, one user, head 0
+    python examples/visualize.py --dataset beauty --length 15 --head 1
+    python examples/visualize.py --init                 # the same model at initialisation (no training)
+    python examples/visualize.py --show attention       # softmax weights instead of centred logits
 
 Rows: layers. Columns: the decoupled maps of the item, position and each attribute, then the fused map.
 ``--show`` picks what is drawn of every map ``S`` (``S_s`` per source, ``fuse(S)`` for the fused column), always
@@ -14,21 +14,19 @@ restricted to the causal (allowed) cells, the others blank:
 * ``attention``: ``softmax(S / sqrt(d_h))`` -- for a source, the attention it would give alone; for the fused
   column, the model's actual attention (rows dominated by 1/i under a causal mask);
 * ``raw``: the raw scores ``S``.
-The model and its checkpoint are the ones of ``benchmarks/rank.py`` (same flags; trained if absent).
+The model and its checkpoint are the ones of ``examples/trained_rank.py`` (same flags; trained if absent).
 """
 from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
 
 import torch
 
+from dif_attention import ScoreMaps
+
 ROOT = Path(__file__).resolve().parents[1]
-for p in (ROOT, Path(__file__).resolve().parent):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
 
 
 SHOW = ("logits", "attention", "raw")
@@ -60,15 +58,16 @@ def parse(argv=None):
     return args
 
 
-def panels(maps: list[dict], length: int, head: int, dim_head: int, show: str) -> list[dict[str, torch.Tensor]]:
-    """Per layer: source name -> ``(length, length)`` matrix to draw (NaN where the causal mask forbids)."""
+def panels(maps: list, length: int, head: int, dim_head: int, show: str) -> list[dict[str, torch.Tensor]]:
+    """Per layer (a ScoreMaps, or a dict of maps with ``"fused"``): source name -> ``(length, length)`` matrix
+    to draw (NaN where the causal mask forbids)."""
     allowed = torch.ones(length, length, dtype=torch.bool).tril()
     out = []
     for layer in maps:
         row = {}
-        for name, s in layer.items():
-            if name == "probs":
-                continue
+        scores = ({**layer.sources, "fused": layer.fused} if isinstance(layer, ScoreMaps)
+                  else {k: v for k, v in layer.items() if k != "probs"})
+        for name, s in scores.items():
             m = s[0, head, :length, :length].double()
             if show != "raw":
                 m = m / math.sqrt(dim_head)
@@ -113,19 +112,19 @@ def draw(rows: list[dict[str, torch.Tensor]], path: Path, title: str, show: str)
 
 
 def main(argv=None, dataset=None) -> Path:
-    """``dataset``: an ``examples.data.Dataset`` to use instead of loading ``--dataset``."""
+    """``dataset``: a ``data.Dataset`` to use instead of loading ``--dataset``."""
     args = parse(argv)
-    from examples.data import load_dataset
-    from examples.models import build_model
-    from trained_rank import config, trained_model
+    from data import load_dataset
+    from train import make_model
+    from trained_rank import settings, trained_model
 
     dataset = load_dataset(args.dataset) if dataset is None else dataset
-    cfg = config(args)
+    cfg, model_settings = settings(args)
     if args.init:
         torch.manual_seed(args.seed)
-        model = build_model("DIFSASRec", dataset.info, **cfg.model_kwargs()).eval()
+        model = make_model(dataset, "DIFSASRec", model_settings).eval()
     else:
-        model = trained_model(dataset, "DIFSASRec", cfg)
+        model = trained_model(dataset, "DIFSASRec", cfg, model_settings)
     hist, _ = dataset.split("test", args.n)
     ids = torch.from_numpy(hist)
     long_enough = ((ids != 0).sum(1) >= args.length).nonzero().flatten()

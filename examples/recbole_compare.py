@@ -1,4 +1,4 @@
-"""Speed and quality of our SASRec against RecBole 1.2.1's SASRec on MovieLens-100K (issue 3's speed bar).
+"""Speed and quality of our SASRec against RecBole 1.2.1's SASRec on MovieLens-100K .
 
 Same split (5-core, stable chronological leave-one-out), same model size (hidden 64, 2 layers, 2 heads,
 inner 256, dropout 0.5, max_len 50), same optimiser (Adam, lr 1e-3), batch 2048, full-softmax CE, full ranking,
@@ -15,9 +15,9 @@ RecBole is never a dependency of dif-attention. To install it next to torch 2.13
 
 Usage::
 
-    python benchmarks/recbole_compare.py --epochs 10 --threads 2          # writes runs/recbole_compare.{md,json}
-    python benchmarks/recbole_compare.py --skip-recbole --recbole-json old.json   # reuse a RecBole measurement
-    python benchmarks/recbole_compare.py --estimate-steps 4 --threads 2   # no RecBole: extrapolate our prefix epoch
+    python examples/recbole_compare.py --epochs 10 --threads 2          # writes runs/recbole_compare.{md,json}
+    python examples/recbole_compare.py --skip-recbole --recbole-json old.json   # reuse a RecBole measurement
+    python examples/recbole_compare.py --estimate-steps 4 --threads 2   # no RecBole: extrapolate our prefix epoch
 
 Without RecBole installed the script prints these instructions and exits with status 2.
 """
@@ -33,8 +33,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
+#: the model both sides train (RecBole's SASRec settings above)
+MODEL = dict(dim=64, layers=2, heads=2, max_len=50, hidden_dropout=0.5, attn_dropout=0.5, ff_dim=256)
 INSTALL = __doc__[__doc__.index("RecBole is never"):__doc__.index("Usage::")].strip()
 
 
@@ -90,13 +91,12 @@ def measure_recbole(epochs: int, seed: int, data_folder: Path) -> dict:
 
 
 def measure_ours(mode: str, epochs: int, seed: int, target: float | None, batch_size: int) -> dict:
-    from examples.data import load_dataset
-    from examples.train import TrainConfig, run
+    from data import load_dataset
+    from train import TrainConfig, run
     ds = load_dataset("ml-100k")
-    cfg = TrainConfig(dim=64, layers=2, heads=2, max_len=50, dropout=0.5, attn_dropout=0.5, lr=1e-3,
-                      batch_size=batch_size, epochs=epochs, patience=epochs, train_mode=mode, seed=seed,
+    cfg = TrainConfig(lr=1e-3, batch_size=batch_size, epochs=epochs, patience=epochs, train_mode=mode, seed=seed,
                       save=False, progress=False, out_dir=str(ROOT / "runs" / "recbole_compare"))
-    r = run(ds, "SASRec", cfg)
+    r = run(ds, "SASRec", cfg, MODEL)
     valid = [h["valid"]["NDCG@10"] for h in r["history"]]
     cum = [sum(h["epoch_seconds"] for h in r["history"][:i + 1]) for i in range(len(valid))]
     reach = next((c for v, c in zip(valid, cum) if target is not None and v >= target), None)
@@ -111,21 +111,20 @@ def estimate_prefix_epoch(models: list[str], steps: int) -> list[dict]:
     epoch (batch 2048) and extrapolate to a whole epoch; CPU time is reported too (less sensitive to a
     busy machine than wall time)."""
     import torch
-    from examples.data import load_dataset
-    from examples.models import build_model
-    from examples.train import TrainConfig, batch_loss, epoch_batches, trim_width
+    from data import load_dataset
+    from train import TrainConfig, batch_loss, epoch_batches, make_model, trim_width
     ds = load_dataset("ml-100k")
     x, y = ds.prefix_samples(50)
     out = []
     for name in models:
         cfg = TrainConfig(batch_size=2048, train_mode="prefix")
-        model = build_model(name, ds.info, **cfg.model_kwargs())
+        model = make_model(ds, name, MODEL)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         batches = epoch_batches(x, cfg, torch.Generator().manual_seed(0))
         for i, idx in enumerate(batches[:steps + 1]):
             if i == 1:
                 c0, w0 = time.process_time(), time.perf_counter()
-            w = trim_width(x[idx], cfg)
+            w = trim_width(x[idx], model)
             loss, _ = batch_loss(model, model, (x[idx, :w], y[idx]), cfg, ds.tables, torch.Generator(), 0, 1)
             opt.zero_grad()
             loss.backward()
@@ -156,7 +155,7 @@ def main(argv=None):
     if args.estimate_steps:
         estimate_prefix_epoch(["SASRec", "DIFSASRec"], args.estimate_steps)
         return 0
-    from examples.data import fetch_ml100k
+    from data import fetch_ml100k
     if args.skip_recbole:
         if not args.recbole_json:
             p.error("--skip-recbole needs --recbole-json")

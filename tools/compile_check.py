@@ -1,7 +1,7 @@
-"""Compile every kernel for a GPU architecture *without a GPU* and check its shared memory.
+"""A developer tool, outside the wheel: compile every kernel for a GPU architecture *without a GPU* and check its shared memory.
 
-    python -m dif_attention.ops.compile_check                     # sm_90 (H100/H200), the default cases
-    python -m dif_attention.ops.compile_check --arch 80 --case bf16,72,32 --case fp32,160,128
+    python tools/compile_check.py                     # sm_90 (H100/H200), the default cases
+    python tools/compile_check.py --arch 80 --case bf16,72,32 --case fp32,160,128
 
 Triton lowers each kernel to PTX and assembles it with the ptxas bundled in its wheel, so
 this catches compile errors and shared-memory overruns before a GPU is available. It does not run
@@ -47,9 +47,9 @@ def compile_case(dtype: str, e: int, ev: int, arch: int, smem_limit: int) -> lis
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from . import gate_kernel, kernels
-    from .attention_op import dot_precision, pick_block
-    from .gate_op import gate_blocks
+    from dif_attention.ops import gate_kernel, kernels
+    from dif_attention.ops.attention_op import dot_precision, pick_block
+    from dif_attention.ops.gate_op import gate_blocks
 
     target = GPUTarget("cuda", arch, 32)
     blk = pick_block(64, e, ev, getattr(torch, _TORCH[dtype]))
