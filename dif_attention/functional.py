@@ -40,12 +40,16 @@ from .errors import check_probability, check_tensor, fail
 from .fusion import Fusion, GateFusion, fold_sources, get_fusion
 from .masks import as_4d, check_mask, combine_masks
 
-__all__ = ["decoupled_attention", "reference_attention", "ScoreMaps", "BACKENDS", "MATH_MAX_N", "TRITON_ENV"]
+__all__ = ["decoupled_attention", "reference_attention", "ScoreMaps", "BACKENDS", "MATH_MAX_N", "MAX_SCALE",
+           "TRITON_ENV"]
 
 BACKENDS = ("auto", "torch", "sdpa", "math", "triton")
 
 #: on CPU with gradients, ``"auto"`` uses the ``"math"`` path up to this length (see ``_prefer_math``)
 MATH_MAX_N = 128
+
+#: the largest ``scale=`` accepted: beyond it the scaled scores overflow (and the softmax is one-hot anyway)
+MAX_SCALE = 1e4
 
 #: the environment switch of the fused kernels: ``1`` lets ``"auto"`` use them on CUDA, ``0`` turns them off
 TRITON_ENV = "DIF_ATTENTION_TRITON"
@@ -126,10 +130,33 @@ def _prepare(queries, keys, value, mask, is_causal, fusion, scale, dropout_p, ch
     allowed = combine_masks(mask, is_causal, n, value.device)
     if scale is None:
         scale = 1.0 / math.sqrt(queries[0].shape[-1])
-    elif isinstance(scale, bool) or not (math.isfinite(float(scale)) and float(scale) > 0):
-        fail("scale", "a finite positive float (or None for 1/sqrt(e_0))", repr(scale))
+    elif (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(float(scale))
+          or not 0 < float(scale) <= MAX_SCALE):
+        fail("scale", f"a positive float <= {MAX_SCALE:g} (or None for 1/sqrt(e_0)); larger scales overflow the "
+             "scaled scores", repr(scale))
     check_probability("dropout_p", dropout_p)
     return b, h, n, fusion, allowed, float(scale)
+
+
+def _sanitize(queries, keys, value, allowed):
+    """Zero the inputs the mask makes irrelevant -- keys and values no query may attend, queries with no
+    allowed key -- so NaN/inf there (uninitialised padding, say) never reaches an output or a gradient, on
+    every backend alike (the score ``0 * NaN`` would). Batch-independent sources keep their shape (a
+    per-batch mask cannot make them irrelevant). A lone causal mask (2-d) has no such position."""
+    if allowed is None or allowed.ndim < 4:
+        return queries, keys, value
+    key_ok = allowed.any(-2).unsqueeze(-1)  # (b|1, h|1, n, 1): some query may attend key j
+    row_ok = allowed.any(-1, keepdim=True)  # (b|1, h|1, n, 1): query i may attend some key
+    if (allowed.device.type == "cpu" and not torch.compiler.is_compiling()  # a host sync elsewhere: skip it
+            and bool(key_ok.all()) and bool(row_ok.all())):
+        return queries, keys, value
+
+    def clean(t, ok):
+        if t.shape[0] == 1 and ok.shape[0] > 1:
+            return t
+        return torch.where(ok, t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+    return ([clean(q, row_ok) for q in queries], [clean(k, key_ok) for k in keys], clean(value, key_ok))
 
 
 def reference_attention(queries: Sequence[Tensor], keys: Sequence[Tensor], value: Tensor, *,
@@ -143,6 +170,7 @@ def reference_attention(queries: Sequence[Tensor], keys: Sequence[Tensor], value
     names = [str(i) for i in range(len(queries))] if names is None else list(names)
     if len(names) != len(queries):
         fail("names", f"{len(queries)} source names, one per query source", f"{len(names)} names")
+    queries, keys, value = _sanitize(queries, keys, value, allowed)
     return _reference(queries, keys, value, allowed, fusion, scale, dropout_p, names)
 
 
@@ -155,24 +183,32 @@ def _masked_softmax(logits: Tensor, allowed: Tensor | None) -> Tensor:
     return logits.softmax(-1) * row_ok
 
 
+def _score_dtype(t: Tensor) -> torch.dtype:
+    """float16 scores are formed in float32: ``q . k`` above 65504 would overflow (SDPA and the kernels
+    accumulate in float32 too, so every backend agrees). bfloat16 has float32's range."""
+    return torch.float32 if t.dtype == torch.float16 else t.dtype
+
+
 def _reference(queries, keys, value, allowed, fusion, scale, dropout_p, names):
-    scores = [q @ k.transpose(-1, -2) for q, k in zip(queries, keys)]
+    dt = _score_dtype(value)
+    scores = [q.to(dt) @ k.to(dt).transpose(-1, -2) for q, k in zip(queries, keys)]
     fused = fusion.combine(scores, allowed)
     probs = _masked_softmax(fused * scale, allowed)
     attn = F.dropout(probs, p=dropout_p) if dropout_p > 0 else probs
-    out = attn @ value
+    out = attn.to(value.dtype) @ value
     return out, ScoreMaps(dict(zip(names, scores)), fused, probs, fusion.weights(scores, allowed))
 
 
 def _math(q, k, bias, value, allowed, scale, dropout_p):
     """One materialised score matrix over the folded q/k (never one per source)."""
-    logits = q @ k.transpose(-1, -2)
+    dt = _score_dtype(value)
+    logits = q.to(dt) @ k.to(dt).transpose(-1, -2)
     if bias is not None:
         logits = logits + bias
     probs = _masked_softmax(logits * scale, allowed)
     if dropout_p > 0:
         probs = F.dropout(probs, p=dropout_p)
-    return probs @ value
+    return probs.to(value.dtype) @ value
 
 
 def _sdpa(q, k, bias, value, allowed, is_causal, scale, dropout_p):
@@ -237,6 +273,7 @@ def decoupled_attention(queries: Sequence[Tensor], keys: Sequence[Tensor], value
         fail("backend", f"one of {BACKENDS}", repr(backend))
     b, h, n, fusion, allowed, scale = _prepare(queries, keys, value, mask, is_causal, fusion, scale,
                                                dropout_p, check_finite)
+    queries, keys, value = _sanitize(queries, keys, value, allowed)
     if backend == "torch":
         return _reference(queries, keys, value, allowed, fusion, scale, dropout_p,
                           [str(i) for i in range(len(queries))])[0]

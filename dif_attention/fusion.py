@@ -164,7 +164,8 @@ class ConcatFusion(Fusion):
                 out = out + w * s
             return out
         rows = torch.cat(torch.broadcast_tensors(*scores), dim=-1)  # (b, h, n, s*L)
-        return self.proj(rows)
+        # at the scores' dtype (float16 inputs have float32 scores): the parameters cast, the module untouched
+        return nn.functional.linear(rows, self.proj.weight.to(rows.dtype), self.proj.bias.to(rows.dtype))
 
     def fold(self, queries, keys, allowed):
         if self.max_len is None:

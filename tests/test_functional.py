@@ -198,3 +198,59 @@ def test_functional_gate_and_concat_by_name_need_a_module():
     for name in ("gate", "concat"):
         with pytest.raises(DIFError, match="fusion"):
             decoupled_attention(qs, ks, v, fusion=name)
+
+
+def _poison(qs, ks, v, allowed, value):
+    """``value`` (NaN or inf) at every position the mask makes irrelevant: keys/values no query may attend and
+    queries with no allowed key (batch-independent sources are left alone: no per-batch mask can void them)."""
+    b = v.shape[0]
+    a = allowed.expand(b, -1, -1, -1)
+    key_dead = ~a.any(-2)[..., None]  # (b, h|1, n, 1)
+    row_dead = ~a.any(-1, keepdim=True)
+
+    def fill(t, dead):
+        if t.shape[0] != b:
+            return t.detach().clone().requires_grad_()
+        return t.detach().masked_fill(dead, value).requires_grad_()
+
+    return [fill(q, row_dead) for q in qs], [fill(k, key_dead) for k in ks], fill(v, key_dead)
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+@pytest.mark.parametrize("backend", ["torch", "sdpa", "math", "auto"])
+@pytest.mark.parametrize("fusion_name", FUSIONS)
+@pytest.mark.parametrize("n", [1, 7, 50])
+def test_poisoned_masked_positions_never_leak(n, fusion_name, backend, poison):
+    """NaN / inf wherever the mask forbids attending (padded keys, fully masked query rows): every backend gives
+    the oracle's output on clean inputs, with finite gradients (flash-attn's padding-poisoning test)."""
+    qs, ks, v = make_inputs(n=n, widths=(8, 8, 4), ev=6, dtype=torch.float64, seed=n)
+    fusion = make_fusion(fusion_name, n, len(qs), dtype=torch.float64)
+    mask, _ = make_mask("left-padded-causal", 2, n, seed=n + 1)  # padded keys and fully masked query rows
+    bad_q, bad_k, bad_v = _poison(qs, ks, v, mask, poison)
+    want = decoupled_attention(qs, ks, v, mask=mask, fusion=fusion, backend="torch")
+    got = decoupled_attention(bad_q, bad_k, bad_v, mask=mask, fusion=fusion, backend=backend)
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-9)
+    grads = _grads(got, bad_q + bad_k + [bad_v])
+    assert all(g is None or torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("backend", ["torch", "sdpa", "math"])
+def test_float16_scores_beyond_65504_do_not_overflow(backend):
+    """q . k = 2 * 200**2 * 8 > 65504: every backend forms fp16 scores in fp32 and agrees with the fp32 oracle."""
+    g = torch.Generator().manual_seed(0)
+    q = (200 + torch.rand(2, 2, 5, 8, generator=g)).half()
+    k = (200 + torch.rand(2, 2, 5, 8, generator=g)).half()
+    v = torch.randn(2, 2, 5, 8, generator=g).half()
+    assert float((q.float() @ k.float().transpose(-1, -2)).max()) > 65504
+    want = decoupled_attention([q.float()], [k.float()], v.float(), is_causal=True, scale=1e-3, backend="torch")
+    got = decoupled_attention([q], [k], v, is_causal=True, scale=1e-3, backend=backend)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+
+
+def test_scale_must_keep_the_scaled_scores_finite():
+    qs, ks, v = make_inputs(n=4)
+    for bad in (1e38, float("inf"), 0.0, -1.0, True, "2"):
+        with pytest.raises(DIFError, match=r"^scale: expected a positive float <= 10000"):
+            decoupled_attention(qs, ks, v, scale=bad)
+    assert torch.isfinite(decoupled_attention(qs, ks, v, scale=1e4)).all()
