@@ -250,7 +250,7 @@ def test_float16_scores_beyond_65504_do_not_overflow(backend):
 
 def test_scale_must_keep_the_scaled_scores_finite():
     qs, ks, v = make_inputs(n=4)
-    for bad in (1e38, float("inf"), 0.0, -1.0, True, "2"):
+    for bad in (1e38, float("inf"), float("nan"), 0.0, -1.0, True, "2"):
         with pytest.raises(DIFError, match=r"^scale: expected a positive float <= 10000"):
             decoupled_attention(qs, ks, v, scale=bad)
     assert torch.isfinite(decoupled_attention(qs, ks, v, scale=1e4)).all()
