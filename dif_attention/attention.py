@@ -1,8 +1,11 @@
-"""``DecoupledAttention``: the drop-in replacement for a transformer block's attention call."""
+"""``DecoupledAttention``: the drop-in replacement for a transformer block's attention call, and
+:class:`KVCache`, the keys and values of the positions it has already seen (incremental decoding)."""
 from __future__ import annotations
 
-from typing import Mapping
+from dataclasses import dataclass
+from typing import Mapping, Sequence
 
+import torch
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -11,7 +14,55 @@ from .errors import check_finite as check_finite_values
 from .functional import BACKENDS, ScoreMaps, decoupled_attention, reference_attention
 from .fusion import Fusion, get_fusion
 
-__all__ = ["DecoupledAttention", "check_attr_dims"]
+__all__ = ["DecoupledAttention", "KVCache", "check_attr_dims", "check_cache"]
+
+
+@dataclass(frozen=True)
+class KVCache:
+    """One attention layer's keys and values of the positions it has already seen.
+
+    Shapes (einops style), ``m`` cached positions (key slots)::
+
+        keys[s] : (b|1, h, m, e_s)   one per source, in the attention's source order (``attn.sources``);
+                                     batch dim 1 for a batch-independent source (the position stream)
+        value   : (b, h, m, e_v)
+
+    ``KVCache()`` is the empty cache (``m = 0``). An attention called with ``cache=`` computes only the
+    positions it is given, attends them to the cached keys and to themselves, and returns the cache grown by
+    them (:meth:`append`); masks then broadcast to ``(b, h, n, m + n)``. Slots need not be positions: a mask
+    says which slots a query may attend, so rows of a batch may hold different numbers of items.
+    """
+    keys: tuple[Tensor, ...] = ()
+    value: Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        """``m``, the number of cached key slots."""
+        return 0 if self.value is None else self.value.shape[-2]
+
+    def append(self, keys: Sequence[Tensor], value: Tensor) -> "KVCache":
+        """This cache followed by new positions' ``keys`` (per source ``(b|1, h, n, e_s)``) and ``value``
+        ``(b, h, n, e_v)``: ``(b|1, h, m + n, e_s)`` and ``(b, h, m + n, e_v)``. A batch-independent source
+        stays batch-independent only where both parts are."""
+        if self.value is None:
+            return KVCache(tuple(keys), value)
+        if len(self.keys) != len(keys):
+            fail("cache", f"keys of {len(keys)} sources (one per source of the attention)",
+                 f"{len(self.keys)} key tensors")
+        b = value.shape[0]
+        if self.value.shape[0] != b or self.value.shape[1] != value.shape[1] or self.value.shape[3] != value.shape[3]:
+            fail("cache", f"a value of shape ({b}, {value.shape[1]}, m, {value.shape[3]}) = (b, heads, m, e_v)",
+                 self.value.shape)
+        grown = []
+        for s, (old, new) in enumerate(zip(self.keys, keys)):
+            if old.shape[1] != new.shape[1] or old.shape[3] != new.shape[3] or old.shape[2] != self.length \
+                    or old.shape[0] not in (1, b):
+                fail(f"cache.keys[{s}]", f"shape ({b} or 1, {new.shape[1]}, {self.length}, {new.shape[3]}) = "
+                     f"(b|1, heads, m, e_{s})", old.shape)
+            if old.shape[0] != new.shape[0]:
+                old, new = old.expand(b, -1, -1, -1), new.expand(b, -1, -1, -1)
+            grown.append(torch.cat([old, new], dim=-2))
+        return KVCache(tuple(grown), torch.cat([self.value, value], dim=-2))
 
 RESERVED = ("item", "position", "fused", "probs")
 
@@ -31,6 +82,15 @@ def check_attr_dims(attr_dims: Mapping[str, int] | None, heads: int) -> dict[str
     return attr_dims
 
 
+def check_cache(cache, return_scores: bool = False) -> KVCache:
+    """``cache`` is a :class:`KVCache` (and the call does not also ask for score maps)."""
+    if not isinstance(cache, KVCache):
+        fail("cache", "a KVCache (KVCache() to start an empty one)", type(cache).__name__)
+    if return_scores:
+        fail("return_scores", "False with cache= (score maps come from the oracle over full sequences)", True)
+    return cache
+
+
 class DecoupledAttention(nn.Module):
     """Multi-head decoupled attention (DIF-SR, SIGIR 2022).
 
@@ -45,6 +105,10 @@ class DecoupledAttention(nn.Module):
         pos          : (n, dim) or (b, n, dim)   position embedding (required when position=True)
         mask         : bool, broadcastable to (b, heads, n, n), True = may attend
         output       : (b, n, dim)
+
+    With ``cache=`` (a :class:`KVCache` of ``m`` earlier positions) the inputs are the ``n`` new positions only,
+    the mask broadcasts to ``(b, heads, n, m + n)``, ``is_causal`` treats them as the last ``n`` positions, and
+    the forward returns ``(out, grown cache)``.
 
     Head widths: ``dim // heads`` for item and position, ``attr_dims[name] // heads`` for attributes.
     Scores are scaled by ``1/sqrt(dim // heads)`` after fusion (as the reference).
@@ -144,15 +208,22 @@ class DecoupledAttention(nn.Module):
         return queries, keys, value
 
     def forward(self, x: Tensor, *, attrs: Mapping[str, Tensor] | None = None, pos: Tensor | None = None,
-                mask: Tensor | None = None, is_causal: bool = False,
-                return_scores: bool = False) -> Tensor | tuple[Tensor, ScoreMaps]:
+                mask: Tensor | None = None, is_causal: bool = False, return_scores: bool = False,
+                cache: KVCache | None = None) -> Tensor | tuple[Tensor, ScoreMaps] | tuple[Tensor, KVCache]:
         """Returns ``(b, n, dim)``; with ``return_scores=True`` returns ``(out, maps)``, ``maps`` a
         :class:`~dif_attention.ScoreMaps` computed by the oracle: ``maps.sources`` maps each source name
         (``"item"``, ``"position"``, attribute names) to its raw score matrix ``(b|1, heads, n, n)``, plus
-        ``maps.fused`` (raw fused scores), ``maps.probs`` (attention) and ``maps.gates`` (gate fusion)."""
+        ``maps.fused`` (raw fused scores), ``maps.probs`` (attention) and ``maps.gates`` (gate fusion).
+        With ``cache=`` (a :class:`KVCache`; ``KVCache()`` to start one) ``x``, ``attrs`` and ``pos`` are the new
+        positions, attended to the cached ones too, and the result is ``(out, cache grown by them)``."""
         queries, keys, value = self.project(x, attrs=attrs, pos=pos)
         kw = dict(mask=mask, is_causal=is_causal, fusion=self.fusion, scale=1.0 / self.dim_head ** 0.5,
                   dropout_p=self.attn_dropout if self.training else 0.0, check_finite=self.check_finite)
+        if cache is not None:
+            cache = check_cache(cache, return_scores)
+            cache = cache.append(keys, value)
+            out = decoupled_attention(queries, list(cache.keys), cache.value, backend=self.backend, **kw)
+            return self.to_out(rearrange(out, "b h n e -> b n (h e)")), cache
         if return_scores:
             out, maps = reference_attention(queries, keys, value, names=self.sources, **kw)
         else:

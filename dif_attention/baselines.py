@@ -18,7 +18,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from .attention import check_attr_dims
+from .attention import KVCache, check_attr_dims, check_cache
 from .errors import check_divisible, check_int, check_probability, check_tensor, fail
 from .functional import BACKENDS, ScoreMaps, decoupled_attention, reference_attention
 
@@ -87,7 +87,8 @@ class EarlyFusionAttention(nn.Module):
     :class:`~dif_attention.DecoupledEncoderLayer`; with ``return_scores=True`` returns ``(out, maps)``, a
     :class:`~dif_attention.ScoreMaps` with no per-source maps (there is one stream): ``maps.fused`` is ``S``
     ``(b, heads, n, n)`` raw (pre-scale, pre-mask), ``maps.probs`` the attention. ``position=False``
-    ignores ``pos`` (pass ``None``).
+    ignores ``pos`` (pass ``None``). ``cache=`` (a :class:`~dif_attention.KVCache`) as in
+    :meth:`DecoupledAttention.forward`: the new positions only, returning ``(out, grown cache)``.
     """
 
     def __init__(self, dim: int, heads: int, *, attr_dims: Mapping[str, int] | None = None, style: str = "nova",
@@ -108,9 +109,10 @@ class EarlyFusionAttention(nn.Module):
         self.to_out = nn.Linear(dim, dim, bias=bias)
 
     def forward(self, x: Tensor, *, attrs: Mapping[str, Tensor] | None = None, pos: Tensor | None = None,
-                mask: Tensor | None = None, is_causal: bool = False,
-                return_scores: bool = False) -> Tensor | tuple[Tensor, ScoreMaps]:
-        """``(b, n, dim)`` (and the :class:`ScoreMaps` with ``return_scores=True``)."""
+                mask: Tensor | None = None, is_causal: bool = False, return_scores: bool = False,
+                cache: KVCache | None = None) -> Tensor | tuple[Tensor, ScoreMaps] | tuple[Tensor, KVCache]:
+        """``(b, n, dim)`` (and the :class:`ScoreMaps` with ``return_scores=True``, the grown
+        :class:`~dif_attention.KVCache` with ``cache=``)."""
         check_tensor("x", x, ndim=3, floating=True)
         if x.shape[-1] != self.dim:
             fail("x", f"last dim {self.dim} (= dim)", x.shape)
@@ -122,6 +124,10 @@ class EarlyFusionAttention(nn.Module):
         v = split(self.to_v(x if self.style == "nova" else fused))
         kw = dict(mask=mask, is_causal=is_causal, scale=1.0 / math.sqrt(self.dim_head),
                   dropout_p=self.attn_dropout if self.training else 0.0)
+        if cache is not None:
+            cache = check_cache(cache, return_scores).append([k], v)
+            out = decoupled_attention([q], list(cache.keys), cache.value, backend=self.backend, **kw)
+            return self.to_out(rearrange(out, "b h n e -> b n (h e)")), cache
         if return_scores:
             out, maps = reference_attention([q], [k], v, **kw)
             maps = ScoreMaps({}, maps.fused, maps.probs)

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import copy
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import DecoupledAttention
+from .attention import DecoupledAttention, KVCache
 from .errors import check_int, check_probability, fail
 from .functional import ScoreMaps
 from .fusion import Fusion
@@ -63,25 +63,28 @@ class DecoupledEncoderLayer(nn.Module):
         self.norm_first = norm_first
 
     def forward(self, x: Tensor, *, attrs: Mapping[str, Tensor] | None = None, pos: Tensor | None = None,
-                mask: Tensor | None = None, is_causal: bool = False,
-                return_scores: bool = False) -> Tensor | tuple[Tensor, ScoreMaps]:
+                mask: Tensor | None = None, is_causal: bool = False, return_scores: bool = False,
+                cache: KVCache | None = None) -> Tensor | tuple[Tensor, ScoreMaps] | tuple[Tensor, KVCache]:
         """``x (b, n, dim)`` -> ``(b, n, dim)``; with ``return_scores=True`` ``(x, maps)``, the attention's
-        :class:`~dif_attention.ScoreMaps`. Keywords as :meth:`DecoupledAttention.forward`."""
+        :class:`~dif_attention.ScoreMaps`; with ``cache=`` (this layer's :class:`~dif_attention.KVCache`) ``x`` is
+        the new positions only and the result ``(x, grown cache)``. Keywords as :meth:`DecoupledAttention.forward`."""
         kw = dict(attrs=attrs, pos=pos, mask=mask, is_causal=is_causal, return_scores=return_scores)
-        maps = None
+        if cache is not None:
+            kw["cache"] = cache
+        extra = None  # the score maps or the grown cache
         if self.norm_first:
             a = self.attn(self.norm1(x), **kw)
-            if return_scores:
-                a, maps = a
+            if return_scores or cache is not None:
+                a, extra = a
             x = x + self.drop(a)
             x = x + self.ff(self.norm2(x))
         else:
             a = self.attn(x, **kw)
-            if return_scores:
-                a, maps = a
+            if return_scores or cache is not None:
+                a, extra = a
             x = self.norm1(x + self.drop(a))
             x = self.norm2(x + self.ff(x))
-        return (x, maps) if return_scores else x
+        return (x, extra) if return_scores or cache is not None else x
 
 
 class DecoupledEncoder(nn.Module):
@@ -91,7 +94,10 @@ class DecoupledEncoder(nn.Module):
     A :class:`Fusion` instance passed as ``fusion`` is deep-copied per layer (one fusion per layer, as
     the reference). ``attention``: a callable ``layer index -> attention module`` to build each layer's
     attention with (see :class:`DecoupledEncoderLayer`). With ``norm_first=True`` a final LayerNorm is applied.
-    With ``return_scores=True`` returns ``(x, [maps of layer 0, maps of layer 1, ...])``.
+    With ``return_scores=True`` returns ``(x, [maps of layer 0, maps of layer 1, ...])``. With ``cache=`` (one
+    :class:`~dif_attention.KVCache` per layer, ``[KVCache()] * num_layers`` to start) ``x`` and the side inputs
+    are the new positions only and the result is ``(x, [grown cache of each layer])``: exactly the rows of the
+    full computation at those positions (the layers are position-wise but for attention).
     """
 
     def __init__(self, num_layers: int, dim: int, heads: int, *, attr_dims: Mapping[str, int] | None = None,
@@ -108,9 +114,22 @@ class DecoupledEncoder(nn.Module):
         self.final_norm = nn.LayerNorm(dim, eps=eps) if norm_first else nn.Identity()
 
     def forward(self, x: Tensor, *, attrs: Mapping[str, Tensor] | None = None, pos: Tensor | None = None,
-                mask: Tensor | None = None, is_causal: bool = False,
-                return_scores: bool = False) -> Tensor | tuple[Tensor, list[ScoreMaps]]:
-        """``x (b, n, dim)`` -> ``(b, n, dim)``; with ``return_scores=True`` ``(x, per-layer ScoreMaps)``."""
+                mask: Tensor | None = None, is_causal: bool = False, return_scores: bool = False,
+                cache: Sequence[KVCache] | None = None
+                ) -> Tensor | tuple[Tensor, list[ScoreMaps]] | tuple[Tensor, list[KVCache]]:
+        """``x (b, n, dim)`` -> ``(b, n, dim)``; with ``return_scores=True`` ``(x, per-layer ScoreMaps)``; with
+        ``cache=`` (one :class:`~dif_attention.KVCache` per layer) ``(x, per-layer grown caches)``."""
+        if cache is not None:
+            if not isinstance(cache, (list, tuple)) or len(cache) != len(self.layers):
+                fail("cache", f"a list of {len(self.layers)} KVCache (one per layer; [KVCache()] * "
+                     f"{len(self.layers)} to start)",
+                     f"{len(cache)} entries" if isinstance(cache, (list, tuple)) else type(cache).__name__)
+            grown = []
+            for layer, c in zip(self.layers, cache):
+                x, c = layer(x, attrs=attrs, pos=pos, mask=mask, is_causal=is_causal, return_scores=return_scores,
+                             cache=c)
+                grown.append(c)
+            return self.final_norm(x), grown
         all_maps = []
         for layer in self.layers:
             x = layer(x, attrs=attrs, pos=pos, mask=mask, is_causal=is_causal, return_scores=return_scores)

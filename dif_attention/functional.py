@@ -2,16 +2,19 @@
 
 Shape legend (einops style)::
 
-    queries[s], keys[s] : (b, h, n, e_s)   source s; s = 0 is the item stream; e_s may differ per
-                                           source; the batch dim may be 1 for a batch-independent
-                                           source (the position stream)
-    value               : (b, h, n, e_v)   from the item stream only; e_v may differ from every e_s
-    mask                : bool, broadcastable to (b, h, n, n); True = query i may attend to key j
-    output              : (b, h, n, e_v)
+    queries[s]          : (b, h, n_q, e_s)  source s; s = 0 is the item stream; e_s may differ per
+    keys[s]             : (b, h, n_k, e_s)  source; the batch dim may be 1 for a batch-independent
+                                            source (the position stream); n_q <= n_k
+    value               : (b, h, n_k, e_v)  from the item stream only; e_v may differ from every e_s
+    mask                : bool, broadcastable to (b, h, n_q, n_k); True = query i may attend to key j
+    output              : (b, h, n_q, e_v)
+
+Usually ``n_q == n_k == n``. Fewer queries than keys are the last ``n_q`` positions (new positions over a
+cache of earlier keys): query ``i`` sits at key position ``n_k - n_q + i``, which ``is_causal`` respects.
 
 Semantics (``backend="torch"`` computes exactly this, materialising every matrix)::
 
-    S_s   = queries[s] @ keys[s]^T                     (b, h, n, n) per source, unscaled
+    S_s   = queries[s] @ keys[s]^T                     (b, h, n_q, n_k) per source, unscaled
     S     = fusion(S_0, ..., S_{s-1})                  add / concat / gate, before any scaling
     P     = softmax(scale * S  masked to -inf where ~mask)   rows with no allowed key -> all 0
     out   = dropout(P, dropout_p) @ value
@@ -19,7 +22,7 @@ Semantics (``backend="torch"`` computes exactly this, materialising every matrix
 ``scale`` defaults to ``1 / sqrt(e_0)``, the *item* head width, for every source (as the
 reference implementation). Every fast path folds the fusion into one attention over concatenated
 queries/keys (:func:`dif_attention.fusion.fold_sources`); batch-independent sources become one shared
-``(h, n, n)`` score bias computed once instead of once per batch row.
+``(h, n_q, n_k)`` score bias computed once instead of once per batch row.
 
 This module is the only dispatcher: it validates once, asks :mod:`dif_attention.ops` whether the fused
 kernels take a case (``unsupported_reasons``), and falls back to SDPA itself.
@@ -59,9 +62,9 @@ TRITON_ENV = "DIF_ATTENTION_TRITON"
 class ScoreMaps:
     """What the softmax saw, materialised by the oracle (``return_scores=True`` everywhere in the library).
 
-    ``sources``: source name -> raw (unscaled, unmasked) score matrix ``S_s`` ``(b|1, h, n, n)``, in source
-    order. ``fused``: the raw fused scores ``S`` ``(b, h, n, n)``. ``probs``: the attention ``P`` (before
-    dropout). ``gates``: the gate weights ``(b, h, n, s)`` of the ``gate`` fusion, else ``None``.
+    ``sources``: source name -> raw (unscaled, unmasked) score matrix ``S_s`` ``(b|1, h, n_q, n_k)``, in source
+    order. ``fused``: the raw fused scores ``S`` ``(b, h, n_q, n_k)``. ``probs``: the attention ``P`` (before
+    dropout). ``gates``: the gate weights ``(b, h, n_q, s)`` of the ``gate`` fusion, else ``None``.
     ``maps["fused"]``, ``maps["probs"]``, ``maps["gates"]`` and ``maps[source name]`` index the same tensors.
     """
     sources: dict
@@ -97,14 +100,23 @@ def _validate(queries, keys, value, check_finite: bool):
     if len(queries) != len(keys):
         fail("keys", f"{len(queries)} tensors, one per query source", f"{len(keys)} tensors")
     check_tensor("value", value, ndim=4, floating=True)
-    b, h, n, _ = value.shape
+    b, h, n_k, _ = value.shape
+    check_tensor("queries[0]", queries[0], ndim=4, floating=True)
+    n_q = queries[0].shape[2]
+    if n_q > n_k:
+        fail("queries[0]", f"at most n_k={n_k} query rows (the rows of value and keys; fewer queries are the last "
+             "positions)", queries[0].shape)
     for s, (q, k) in enumerate(zip(queries, keys)):
         check_tensor(f"queries[{s}]", q, ndim=4, floating=True)
         check_tensor(f"keys[{s}]", k, ndim=4, floating=True)
+        if q.shape[0] not in (1, b) or q.shape[1:3] != (h, n_q):
+            fail(f"queries[{s}]", f"shape ({b} or 1, {h}, {n_q}, e_{s}) to match value (b, h, n_k, e_v)="
+                 f"{tuple(value.shape)} and the {n_q} rows of queries[0]", q.shape)
+        if k.shape[0] not in (1, b) or k.shape[1:3] != (h, n_k):
+            fail(f"keys[{s}]", f"shape ({b} or 1, {h}, {n_k}, e_{s}) to match value (b, h, n_k, e_v)="
+                 f"{tuple(value.shape)} (keys have the n_k rows of value; only the queries may be fewer, "
+                 f"queries[0] has {n_q})", k.shape)
         for name, t in ((f"queries[{s}]", q), (f"keys[{s}]", k)):
-            if t.shape[0] not in (1, b) or t.shape[1:3] != (h, n):
-                fail(name, f"shape ({b} or 1, {h}, {n}, e_{s}) to match value (b, h, n, e_v)={tuple(value.shape)}",
-                     t.shape)
             if t.dtype != value.dtype:
                 fail(name, f"dtype {value.dtype} (the dtype of value)", f"dtype {t.dtype}")
             if t.device != value.device:
@@ -116,18 +128,18 @@ def _validate(queries, keys, value, check_finite: bool):
             check_finite_values(f"queries[{s}]", q)
             check_finite_values(f"keys[{s}]", k)
         check_finite_values("value", value)
-    return b, h, n
+    return b, h, n_q, n_k
 
 
 def _prepare(queries, keys, value, mask, is_causal, fusion, scale, dropout_p, check_finite):
-    """Every check of the public functions, once: -> ``(b, h, n, fusion, allowed, scale)``."""
-    b, h, n = _validate(queries, keys, value, check_finite)
+    """Every check of the public functions, once: -> ``(b, fusion, allowed, scale)``."""
+    b, h, n_q, n_k = _validate(queries, keys, value, check_finite)
     fusion = get_fusion(fusion)
-    fusion.check(len(queries), n)
-    mask = check_mask(mask, b, h, n)
+    fusion.check(len(queries), n_q, n_keys=n_k)
+    mask = check_mask(mask, b, h, n_q, n_keys=n_k)
     if mask is not None and mask.device != value.device:
         fail("mask", f"device {value.device} (the device of value)", f"device {mask.device}")
-    allowed = combine_masks(mask, is_causal, n, value.device)
+    allowed = combine_masks(mask, is_causal, n_q, value.device, n_keys=n_k)
     if scale is None:
         scale = 1.0 / math.sqrt(queries[0].shape[-1])
     elif (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(float(scale))
@@ -135,7 +147,7 @@ def _prepare(queries, keys, value, mask, is_causal, fusion, scale, dropout_p, ch
         fail("scale", f"a positive float <= {MAX_SCALE:g} (or None for 1/sqrt(e_0)); larger scales overflow the "
              "scaled scores", repr(scale))
     check_probability("dropout_p", dropout_p)
-    return b, h, n, fusion, allowed, float(scale)
+    return b, fusion, allowed, float(scale)
 
 
 def _sanitize(queries, keys, value, allowed):
@@ -145,8 +157,8 @@ def _sanitize(queries, keys, value, allowed):
     per-batch mask cannot make them irrelevant). A lone causal mask (2-d) has no such position."""
     if allowed is None or allowed.ndim < 4:
         return queries, keys, value
-    key_ok = allowed.any(-2).unsqueeze(-1)  # (b|1, h|1, n, 1): some query may attend key j
-    row_ok = allowed.any(-1, keepdim=True)  # (b|1, h|1, n, 1): query i may attend some key
+    key_ok = allowed.any(-2).unsqueeze(-1)  # (b|1, h|1, n_k, 1): some query may attend key j
+    row_ok = allowed.any(-1, keepdim=True)  # (b|1, h|1, n_q, 1): query i may attend some key
     if (allowed.device.type == "cpu" and not torch.compiler.is_compiling()  # a host sync elsewhere: skip it
             and bool(key_ok.all()) and bool(row_ok.all())):
         return queries, keys, value
@@ -164,9 +176,10 @@ def reference_attention(queries: Sequence[Tensor], keys: Sequence[Tensor], value
                         scale: float | None = None, dropout_p: float = 0.0, check_finite: bool = False,
                         names: Sequence[str] | None = None) -> tuple[Tensor, ScoreMaps]:
     """The oracle: materialises every score matrix. Returns ``(out, maps)``, ``maps`` a :class:`ScoreMaps`
-    whose sources are named by ``names`` (default ``"0"``, ``"1"``, ...)."""
-    b, h, n, fusion, allowed, scale = _prepare(queries, keys, value, mask, is_causal, fusion, scale,
-                                               dropout_p, check_finite)
+    whose sources are named by ``names`` (default ``"0"``, ``"1"``, ...). Arguments and shapes as
+    :func:`decoupled_attention` (``n_q <= n_k`` included)."""
+    _, fusion, allowed, scale = _prepare(queries, keys, value, mask, is_causal, fusion, scale, dropout_p,
+                                         check_finite)
     names = [str(i) for i in range(len(queries))] if names is None else list(names)
     if len(names) != len(queries):
         fail("names", f"{len(queries)} source names, one per query source", f"{len(names)} names")
@@ -213,7 +226,8 @@ def _math(q, k, bias, value, allowed, scale, dropout_p):
 
 def _sdpa(q, k, bias, value, allowed, is_causal, scale, dropout_p):
     """One ``scaled_dot_product_attention`` call over the folded q/k."""
-    causal_only = is_causal and allowed is not None and allowed.ndim == 2
+    # SDPA's is_causal aligns the queries to the first keys: fewer queries than keys take the explicit mask
+    causal_only = is_causal and allowed is not None and allowed.ndim == 2 and q.shape[-2] == k.shape[-2]
     if bias is None:
         if causal_only:
             return _sdpa_causal(q, k, value, dropout_p, scale)
@@ -253,10 +267,13 @@ def decoupled_attention(queries: Sequence[Tensor], keys: Sequence[Tensor], value
     """Decoupled attention over per-source queries/keys and item-only values.
 
     Args:
-        queries, keys: per-source ``(b|1, h, n, e_s)`` tensors, source 0 = item stream.
-        value: ``(b, h, n, e_v)``.
-        mask: bool, broadcastable to ``(b, h, n, n)``, True = may attend.
-        is_causal: also apply the causal mask (combined with ``mask`` by ``&``).
+        queries, keys: per-source ``(b|1, h, n_q, e_s)`` and ``(b|1, h, n_k, e_s)`` tensors, source 0 = item
+            stream; ``n_q <= n_k`` (fewer queries are the last ``n_q`` positions, e.g. new positions over cached
+            keys; the paper-exact ``max_len`` fusions need ``n_q == n_k``).
+        value: ``(b, h, n_k, e_v)``.
+        mask: bool, broadcastable to ``(b, h, n_q, n_k)``, True = may attend.
+        is_causal: also apply the causal mask (combined with ``mask`` by ``&``); query ``i`` sits at key
+            position ``n_k - n_q + i``.
         fusion: ``"add"`` or a :class:`~dif_attention.fusion.Fusion` module (``ConcatFusion``/``GateFusion``
             carry parameters, so pass an instance bound to ``len(queries)`` sources).
         scale: multiplies the *fused* scores; default ``1/sqrt(e_0)``.
@@ -267,12 +284,12 @@ def decoupled_attention(queries: Sequence[Tensor], keys: Sequence[Tensor], value
             with ``DIF_ATTENTION_TRITON=1`` until the kernels are validated on a GPU).
         check_finite: raise ``DIFError`` on NaN/inf inputs.
 
-    Returns ``(b, h, n, e_v)``. Query rows with no allowed key return zeros.
+    Returns ``(b, h, n_q, e_v)``. Query rows with no allowed key return zeros.
     """
     if backend not in BACKENDS:
         fail("backend", f"one of {BACKENDS}", repr(backend))
-    b, h, n, fusion, allowed, scale = _prepare(queries, keys, value, mask, is_causal, fusion, scale,
-                                               dropout_p, check_finite)
+    b, fusion, allowed, scale = _prepare(queries, keys, value, mask, is_causal, fusion, scale, dropout_p,
+                                         check_finite)
     queries, keys, value = _sanitize(queries, keys, value, allowed)
     if backend == "torch":
         return _reference(queries, keys, value, allowed, fusion, scale, dropout_p,

@@ -1,7 +1,8 @@
 """Fusion functions: how the per-source score matrices become one score matrix.
 
 Shape legend: ``b`` batch, ``h`` heads, ``n`` query/key positions (``i`` rows, ``j`` keys),
-``s`` sources (source 0 is the item stream), ``e`` a source's head width.
+``s`` sources (source 0 is the item stream), ``e`` a source's head width. Score matrices are ``(n, n)``, or
+``(n_q, n_k)`` for fewer queries than keys (the last ``n_q`` positions over cached keys).
 
 Every fusion has two faces that compute the same numbers:
 
@@ -17,10 +18,10 @@ Every fusion has two faces that compute the same numbers:
 
 Two families:
 
-* **Length-agnostic (the default).** Work for any ``n`` and never read masked keys, so they
-  are safe with causal training on all positions.
+* **Length-agnostic (the default).** Work for any ``n`` (and any ``n_q <= n_k``) and never read
+  masked keys, so they are safe with causal training on all positions and with cached keys.
 * **Paper-exact (``max_len=L``).** What the DIF-SR code computes: functions of the whole,
-  *unmasked* score row of fixed length ``L``. They raise ``DIFError`` when ``n != L``.
+  *unmasked* score row of fixed length ``L``. They raise ``DIFError`` when ``n != L`` or ``n_q != n_k``.
 """
 from __future__ import annotations
 
@@ -79,7 +80,15 @@ class Fusion(nn.Module):
                  f"{type(self).__name__} built for num_sources={self.num_sources}")
         return self
 
-    def check(self, num_sources: int, n: int) -> None:
+    def check(self, num_sources: int, n: int, *, n_keys: int | None = None) -> None:
+        """Raise ``DIFError`` unless this fusion takes ``num_sources`` sources, ``n`` query rows and ``n_keys``
+        keys (default ``n``). The paper-exact variants need ``n == n_keys == max_len``."""
+        if self.max_len is not None and n_keys is not None and n_keys != n:
+            fail("queries", f"as many query rows as keys for {type(self).__name__}(max_len={self.max_len}), the "
+                 "paper-exact length-bound fusion: every fused score row is a function of the whole unmasked row "
+                 "of max_len keys, future and padded ones included, so the rows of earlier positions (and the "
+                 "next layer's keys) change whenever a key is added, and new queries over cached keys cannot be "
+                 "exact; use the length-agnostic default", f"{n} query rows and {n_keys} keys")
         if self.max_len is not None and n != self.max_len:
             fail("n", f"sequence length n == max_len={self.max_len} ({type(self).__name__}(max_len=...) "
                  "is the paper-exact, length-bound variant; pad to max_len or use the length-agnostic default)",

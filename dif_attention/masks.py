@@ -4,6 +4,10 @@ broadcastable to ``(b, h, n, n)`` -- query rows ``i``, key columns ``j`` -- wher
 
     mask = causal_mask(n) & padding_mask(ids)        # (b, 1, n, n)
 
+With fewer queries than keys (``n_q <= n_k``: new positions attending a cache of earlier keys) masks
+broadcast to ``(b, h, n_q, n_k)`` and the queries are the *last* ``n_q`` positions: query ``i`` sits at
+key position ``n_k - n_q + i`` (as FlashAttention aligns causal masks), ``causal_mask(n_q, n_keys=n_k)``.
+
 A query row with no allowed key (a padded query under a left-padded causal mask,
 say) is legal: its output is the zero vector and its gradients are zero.
 """
@@ -16,11 +20,22 @@ from .errors import check_tensor, fail
 __all__ = ["causal_mask", "padding_mask", "lengths_mask", "lengths_allowed", "check_mask", "combine_masks", "as_4d"]
 
 
-def causal_mask(n: int, *, device: torch.device | str | None = None) -> torch.Tensor:
-    """``(n, n)`` bool, True on and below the diagonal (key j <= query i)."""
+def _check_length(arg: str, n) -> None:
     if not isinstance(n, (int, torch.SymInt)) or isinstance(n, bool) or n < 1:  # SymInt: traced (dynamic) n
-        fail("n", "a positive int", repr(n))
-    return torch.ones(n, n, dtype=torch.bool, device=device).tril()
+        fail(arg, "a positive int", repr(n))
+
+
+def causal_mask(n: int, *, n_keys: int | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+    """``(n, n_keys)`` bool: query ``i`` sits at key position ``n_keys - n + i`` (the queries are the last ``n``
+    of ``n_keys`` positions) and may attend the keys at or before it. ``n_keys`` defaults to ``n``: the square
+    mask, True on and below the diagonal (key ``j <= i``)."""
+    _check_length("n", n)
+    if n_keys is None:
+        return torch.ones(n, n, dtype=torch.bool, device=device).tril()
+    _check_length("n_keys", n_keys)
+    if n_keys < n:
+        fail("n_keys", f"at least n={n} keys (the queries are the last n key positions)", repr(n_keys))
+    return torch.ones(n, n_keys, dtype=torch.bool, device=device).tril(n_keys - n)
 
 
 def padding_mask(ids: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
@@ -35,8 +50,7 @@ def _check_lengths(lengths: torch.Tensor, n: int) -> None:
     check_tensor("lengths", lengths, ndim=1)
     if lengths.is_floating_point() or lengths.dtype == torch.bool or lengths.is_complex():
         fail("lengths", "an integer tensor of sequence lengths", f"dtype {lengths.dtype}")
-    if not isinstance(n, (int, torch.SymInt)) or isinstance(n, bool) or n < 1:
-        fail("n", "a positive int", repr(n))
+    _check_length("n", n)
     # value checks read the tensor (a host sync): eager mode only
     if not torch.compiler.is_compiling() and lengths.numel() and isinstance(n, int):
         lo, hi = int(lengths.min()), int(lengths.max())
@@ -63,34 +77,40 @@ def as_4d(mask: torch.Tensor) -> torch.Tensor:
     return mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
 
 
-def check_mask(mask: torch.Tensor | None, b: int, h: int, n: int, arg: str = "mask") -> torch.Tensor | None:
-    """Validate a mask and return it as a 4-d bool tensor broadcastable to ``(b, h, n, n)``."""
+def check_mask(mask: torch.Tensor | None, b: int, h: int, n: int, arg: str = "mask", *,
+               n_keys: int | None = None) -> torch.Tensor | None:
+    """Validate a mask and return it as a 4-d bool tensor broadcastable to ``(b, h, n, n_keys)``
+    (``n_keys`` defaults to ``n``)."""
     if mask is None:
         return None
     check_tensor(arg, mask)
     if mask.dtype != torch.bool:
         fail(arg, "a bool tensor (True = may attend)", f"dtype {mask.dtype}")
-    target = (b, h, n, n)
+    n_keys = n if n_keys is None else n_keys
+    target = (b, h, n, n_keys)
     if mask.ndim > 4:
-        fail(arg, f"at most 4 dims, broadcastable to ({b}, {h}, {n}, {n})", mask.shape)
+        fail(arg, f"at most 4 dims, broadcastable to ({b}, {h}, {n}, {n_keys})", mask.shape)
     m = as_4d(mask)
     for got, want in zip(m.shape, target):
         if got not in (1, want):
-            fail(arg, f"a shape broadcastable to ({b}, {h}, {n}, {n})", mask.shape)
+            fail(arg, f"a shape broadcastable to ({b}, {h}, {n}, {n_keys})", mask.shape)
     return m
 
 
 def combine_masks(mask: torch.Tensor | None, is_causal: bool, n: int, device, *,
-                  lengths: torch.Tensor | None = None) -> torch.Tensor | None:
-    """``mask & causal_mask(n) & lengths_allowed(lengths, n)`` (each may be absent; ``None`` if all are).
-    Keeps a lone causal mask 2-d ``(n, n)``, which fast paths recognise as causal-only."""
+                  lengths: torch.Tensor | None = None, n_keys: int | None = None) -> torch.Tensor | None:
+    """``mask & causal_mask(n, n_keys=n_keys) & lengths_allowed(lengths, n)`` (each may be absent; ``None`` if
+    all are; ``lengths`` only with as many queries as keys). Keeps a lone causal mask 2-d ``(n, n_keys)``,
+    which fast paths recognise as causal-only."""
     parts = []
     if mask is not None:
         parts.append(mask)
     if lengths is not None:
+        if n_keys is not None and n_keys != n:
+            fail("lengths", "as many queries as keys (pass a mask when n_q < n_k)", f"{n} queries and {n_keys} keys")
         parts.append(lengths_allowed(lengths, n))
     if is_causal:
-        parts.append(causal_mask(n, device=device))
+        parts.append(causal_mask(n, n_keys=n_keys, device=device))
     if not parts:
         return None
     out = parts[0]

@@ -67,6 +67,9 @@ def unsupported_reasons(queries, keys, value, *, fusion: "str | Fusion" = "add")
     if value.dtype == torch.bfloat16 and dev.type == "cpu":
         reasons.append("bfloat16 under TRITON_INTERPRET=1: the interpreter's tl.dot mishandles bf16 "
                        "(triton-lang/triton#11584); use float16/float32 or a GPU")
+    if queries[0].shape[-2] != value.shape[-2]:
+        reasons.append(f"{queries[0].shape[-2]} query rows over {value.shape[-2]} keys: the kernel takes as many "
+                       "queries as keys")
     e = folded_width(queries, keys, get_fusion(fusion))
     if e > MAX_WIDTH:
         reasons.append(f"folded query/key width {e} > {MAX_WIDTH}")
