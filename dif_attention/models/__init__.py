@@ -8,6 +8,7 @@
     scores = model.item_scores(h[:, -1])         # (b, num_items + 1)
     model2 = build_model(**model.config())       # the same architecture, from a plain dict
     save_model(model, "dif.pt"); model3 = load_model("dif.pt")   # torch.load(weights_only=True) inside
+    items, scores = model3.recommend(histories, k=10)             # serving: see dif_attention.models.serving
 
 Models: ``SASRec``, ``SASRecF`` (early fusion), ``NOVA``, ``DIFSASRec``, ``BERT4Rec``, ``DIFBERT4Rec``. Those
 with attributes take ``item_tables`` (attribute -> ``(num_items + 1, k)`` long token table, 0 = padding,
@@ -26,10 +27,11 @@ from .base import SequenceModel, hyper_parameters, init_weights
 from .bert4rec import BERT4Rec, DIFBERT4Rec
 from .loss import full_softmax_cross_entropy
 from .sasrec import NOVA, SASRec, SASRecF, DIFSASRec
+from .serving import Recommender, ServingState, export_recommender
 
 __all__ = ["SASRec", "SASRecF", "NOVA", "DIFSASRec", "BERT4Rec", "DIFBERT4Rec", "MODELS", "ATTRIBUTE_MODELS",
            "SequenceModel", "build_model", "save_model", "load_model", "hyper_parameters", "init_weights",
-           "full_softmax_cross_entropy"]
+           "full_softmax_cross_entropy", "ServingState", "Recommender", "export_recommender"]
 
 MODELS = {"SASRec": SASRec, "SASRecF": SASRecF, "NOVA": NOVA, "DIFSASRec": DIFSASRec,
           "BERT4Rec": BERT4Rec, "DIFBERT4Rec": DIFBERT4Rec}

@@ -13,8 +13,9 @@ from torch import Tensor, nn
 
 from ..embedding import AttributeEmbedding
 from ..errors import check_int, check_probability, check_tensor, fail
-from ..functional import BACKENDS
+from ..functional import BACKENDS, ScoreMaps
 from ..masks import padding_mask
+from .serving import Servable
 
 __all__ = ["SequenceModel", "init_weights", "hyper_parameters"]
 
@@ -53,17 +54,21 @@ def hyper_parameters(cls: type) -> list[str]:
     return names
 
 
-class SequenceModel(nn.Module):
-    """Shared parts: item / position tables, the encoder input, tied item scores.
+class SequenceModel(Servable, nn.Module):
+    """Shared parts: item / position tables, the encoder input, tied item scores, the forward, and serving
+    (:class:`~dif_attention.models.serving.Servable`: ``next_scores``, ``recommend``, ``start``, ``step``).
 
     Args (every model): ``num_items`` (ids ``1..num_items``, 0 = padding), ``dim``, ``layers``, ``heads``,
     ``max_len`` (positions), ``hidden_dropout`` (embeddings and residual branches), ``attn_dropout``
     (attention probabilities), ``ff_dim`` (feed-forward inner width, default ``4 * dim``), ``backend``
-    (the attention backend, see :func:`~dif_attention.decoupled_attention`).
+    (the attention backend, see :func:`~dif_attention.decoupled_attention`). A model defines ``encoder`` and
+    ``inputs(ids, positions=None)``.
     """
 
     causal = True
     has_aap = False
+    #: the paper-exact fusions are tied to inputs padded to ``max_len`` (the DIF models say so per instance)
+    length_bound = False
 
     def __init__(self, *, num_items: int, dim: int = 64, layers: int = 2, heads: int = 2, max_len: int = 50,
                  hidden_dropout: float = 0.5, attn_dropout: float = 0.5, ff_dim: int | None = None,
@@ -117,6 +122,17 @@ class SequenceModel(nn.Module):
         if n > self.max_len:
             fail("ids", f"at most max_len={self.max_len} positions", f"{n} positions")
         return self.pos_emb.weight[:n]  # (n, dim)
+
+    def position_embedding(self, ids: Tensor, positions: Tensor | None = None) -> Tensor:
+        """``(n, dim)`` for positions ``0..n-1`` of ``ids (b, n)`` (shared by the batch), or ``(b, n, dim)`` for
+        the given integer ``positions (b, n)`` (each row's own, e.g. new items of histories of different lengths)."""
+        return self.positions(ids.shape[1]) if positions is None else self.pos_emb(positions)
+
+    def forward(self, ids: Tensor, *, return_scores: bool = False) -> Tensor | tuple[Tensor, list[ScoreMaps]]:
+        """``ids (b, n)`` -> hidden states ``(b, n, dim)`` (and one :class:`~dif_attention.ScoreMaps` per layer)."""
+        self.check_ids(ids)
+        x, side = self.inputs(ids)
+        return self.encoder(x, **side, mask=self.mask(ids), is_causal=self.causal, return_scores=return_scores)
 
     def output_layer(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """``(h', weight, bias)`` with ``item_scores(h) = h' @ weight.T (+ bias)``: ``weight`` is the tied item

@@ -21,7 +21,6 @@ from ..baselines import EarlyFusionAttention, InputFusion
 from ..embedding import AttributeEmbedding
 from ..encoder import DecoupledEncoder
 from ..errors import check_tensor, fail
-from ..functional import ScoreMaps
 from .base import SequenceModel, init_weights
 
 __all__ = ["SASRec", "SASRecF", "NOVA", "DIFSASRec", "DIFMixin", "check_item_tables"]
@@ -52,14 +51,13 @@ class SASRec(SequenceModel):
         self.encoder = DecoupledEncoder(self.layers, self.dim, self.heads, position=False, **self.enc_kwargs)
         init_weights(self)
 
-    def embed(self, ids: Tensor) -> Tensor:
-        return self.item_emb(ids) + self.positions(ids.shape[1])
+    def embed(self, ids: Tensor, pos: Tensor) -> Tensor:
+        """The input sum before LayerNorm and dropout: ``E_item(ids) + pos``."""
+        return self.item_emb(ids) + pos
 
-    def forward(self, ids: Tensor, *, return_scores: bool = False) -> Tensor | tuple[Tensor, list[ScoreMaps]]:
-        """``ids (b, n)`` -> ``(b, n, dim)`` (and the per-layer score maps)."""
-        self.check_ids(ids)
-        x = self.in_drop(self.in_norm(self.embed(ids)))
-        return self.encoder(x, mask=self.mask(ids), is_causal=self.causal, return_scores=return_scores)
+    def inputs(self, ids: Tensor, positions: Tensor | None = None) -> tuple[Tensor, dict]:
+        x = self.in_drop(self.in_norm(self.embed(ids, self.position_embedding(ids, positions))))
+        return x, {}
 
 
 class SASRecF(SASRec):
@@ -82,8 +80,8 @@ class SASRecF(SASRec):
     def attribute_logits(self, h: Tensor) -> dict[str, Tensor] | None:
         return self.predictor(h) if self.predictor is not None else None
 
-    def embed(self, ids: Tensor) -> Tensor:
-        return self.fuse(self.item_emb(ids), attrs=self.attr_emb(items=ids), pos=self.positions(ids.shape[1]))
+    def embed(self, ids: Tensor, pos: Tensor) -> Tensor:
+        return self.fuse(self.item_emb(ids), attrs=self.attr_emb(items=ids), pos=pos)
 
 
 class NOVA(SequenceModel):
@@ -107,11 +105,9 @@ class NOVA(SequenceModel):
         self.encoder = DecoupledEncoder(self.layers, self.dim, self.heads, attention=attention, **kw)
         init_weights(self)
 
-    def forward(self, ids: Tensor, *, return_scores: bool = False) -> Tensor | tuple[Tensor, list[ScoreMaps]]:
-        self.check_ids(ids)
+    def inputs(self, ids: Tensor, positions: Tensor | None = None) -> tuple[Tensor, dict]:
         h = self.in_drop(self.in_norm(self.item_emb(ids)))
-        return self.encoder(h, attrs=self.attr_emb(items=ids), pos=self.positions(ids.shape[1]), mask=self.mask(ids),
-                            is_causal=self.causal, return_scores=return_scores)
+        return h, {"attrs": self.attr_emb(items=ids), "pos": self.position_embedding(ids, positions)}
 
 
 class DIFMixin:
@@ -147,11 +143,9 @@ class DIFMixin:
         """True for the paper-exact fusions: inputs must be padded to exactly ``max_len``."""
         return self.exact_fusion and self.fusion != "add"
 
-    def forward(self, ids: Tensor, *, return_scores: bool = False) -> Tensor | tuple[Tensor, list[ScoreMaps]]:
-        self.check_ids(ids)
+    def inputs(self, ids: Tensor, positions: Tensor | None = None) -> tuple[Tensor, dict]:
         x = self.in_drop(self.in_norm(self.item_emb(ids)))
-        return self.encoder(x, attrs=self.attr_emb(items=ids), pos=self.positions(ids.shape[1]),
-                            mask=self.mask(ids), is_causal=self.causal, return_scores=return_scores)
+        return x, {"attrs": self.attr_emb(items=ids), "pos": self.position_embedding(ids, positions)}
 
     def attribute_logits(self, h: Tensor) -> dict[str, Tensor]:
         return self.predictor(h)
