@@ -1,12 +1,14 @@
 """Attribute embeddings: one trainable table per attribute, multi-valued attributes pooled."""
 from __future__ import annotations
 
+import math
+import operator
 from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .errors import check_tensor, fail
+from .errors import check_int, check_tensor, fail
 
 __all__ = ["AttributeEmbedding", "item_attribute_table"]
 
@@ -24,18 +26,39 @@ def item_attribute_table(item_to_tokens: Mapping[int, Sequence[int]], num_items:
     """A ``(num_items, k)`` long table, row ``i`` = item ``i``'s attribute tokens padded with 0.
 
     Items absent from the mapping (the padding item 0, a [MASK] id) get an all-padding row.
-    ``max_tokens`` truncates long token lists (default: the longest list).
+    ``max_tokens`` (an int >= 0) truncates long token lists (default: the longest list).
+    Item ids and tokens must be non-negative ints.
     """
-    k = max((len(v) for v in item_to_tokens.values()), default=1) if max_tokens is None else max_tokens
-    table = torch.zeros(num_items, max(k, 1), dtype=torch.long)
+    if not isinstance(item_to_tokens, Mapping):
+        fail("item_to_tokens", "a mapping of item id -> list of token ids", type(item_to_tokens).__name__)
+    check_int("num_items", num_items)
+    if max_tokens is not None:
+        check_int("max_tokens", max_tokens, minimum=0)
+    rows = {}
     for item, tokens in item_to_tokens.items():
-        if not 0 <= int(item) < num_items:
-            fail("item_to_tokens", f"item ids in [0, {num_items})", f"item id {item}")
-        tokens = list(tokens)[:k]
-        if any(int(t) < 0 for t in tokens):
-            fail(f"item_to_tokens[{item}]", "non-negative token ids", tokens)
-        table[int(item), :len(tokens)] = torch.as_tensor(tokens, dtype=torch.long)
+        if not _is_index(item) or not 0 <= int(item) < num_items:
+            fail("item_to_tokens", f"int item ids in [0, {num_items})", f"item id {item!r}")
+        if isinstance(tokens, (str, bytes, Mapping)) or not hasattr(tokens, "__iter__"):
+            fail(f"item_to_tokens[{item}]", "a sequence of token ids", repr(tokens))
+        tokens = list(tokens)
+        if not all(_is_index(t) and int(t) >= 0 for t in tokens):
+            fail(f"item_to_tokens[{item}]", "non-negative int token ids", repr(tokens))
+        rows[int(item)] = [int(t) for t in tokens]
+    k = max((len(v) for v in rows.values()), default=1) if max_tokens is None else max_tokens
+    table = torch.zeros(num_items, max(k, 1), dtype=torch.long)
+    for item, tokens in rows.items():
+        tokens = tokens[:k]
+        table[item, :len(tokens)] = torch.as_tensor(tokens, dtype=torch.long)
     return table
+
+
+def _is_index(value) -> bool:
+    """An int (Python or NumPy, not a bool)."""
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return not isinstance(value, bool)
 
 
 class AttributeEmbedding(nn.Module):
@@ -44,7 +67,11 @@ class AttributeEmbedding(nn.Module):
 
     Token ``padding_idx`` (0) is padding: its row is zero and never trained, and it is ignored by
     the pooling. Pooling of ``k`` tokens: ``"sum"`` (the reference's choice), ``"mean"`` over the
-    valid tokens, or ``"max"`` over the valid tokens; a position with no valid token gets zeros.
+    valid tokens, or ``"max"`` over the valid tokens; a position with no valid token (``k = 0`` included)
+    gets zeros.
+
+    ``num_classes``: attribute -> vocabulary size ``V > padding_idx``; ``dims``: one width (an int >= 1)
+    for every attribute or a width per attribute. Bad arguments raise :class:`~dif_attention.DIFError`.
 
     Tables are trainable and start at ``N(0, init_std)``. The reference implementation (DIF-SR,
     RecBole 1.0.0) kept its tables in a plain dict, so they were silently frozen at PyTorch's
@@ -60,9 +87,25 @@ class AttributeEmbedding(nn.Module):
         super().__init__()
         if pooling not in POOLINGS:
             fail("pooling", f"one of {POOLINGS}", repr(pooling))
-        dims = {a: dims for a in num_classes} if isinstance(dims, int) else dict(dims)
-        if set(dims) != set(num_classes):
-            fail("dims", f"a width for each attribute {sorted(num_classes)}", f"keys {sorted(dims)}")
+        if not isinstance(num_classes, Mapping) or not num_classes:
+            fail("num_classes", "a non-empty mapping of attribute -> vocabulary size", repr(num_classes))
+        check_int("padding_idx", padding_idx, minimum=0)
+        for a, v in num_classes.items():
+            check_int(f"num_classes[{a!r}]", v)
+            if padding_idx >= v:
+                fail("padding_idx", f"a token id in [0, {v}) (num_classes[{a!r}]={v})", repr(padding_idx))
+        if isinstance(dims, Mapping):
+            dims = dict(dims)
+            if set(dims) != set(num_classes):
+                fail("dims", f"a width for each attribute {sorted(num_classes)}", f"keys {sorted(dims)}")
+            for a, d in dims.items():
+                check_int(f"dims[{a!r}]", d)
+        else:
+            check_int("dims", dims)
+            dims = {a: dims for a in num_classes}
+        if isinstance(init_std, bool) or not isinstance(init_std, (int, float)) or not math.isfinite(init_std) \
+                or init_std < 0:
+            fail("init_std", "a finite float >= 0", repr(init_std))
         self.pooling, self.padding_idx = pooling, padding_idx
         self.num_classes, self.dims = dict(num_classes), dims
         self.tables = nn.ModuleDict()
@@ -77,6 +120,11 @@ class AttributeEmbedding(nn.Module):
             if a not in num_classes:
                 fail("item_tables", f"keys among {sorted(num_classes)}", repr(a))
             check_tensor(f"item_tables[{a!r}]", t, ndim=2)
+            if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+                fail(f"item_tables[{a!r}]", "an integer tensor of token ids", f"dtype {t.dtype}")
+            if _eager() and t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_classes[a]):
+                fail(f"item_tables[{a!r}]", f"token ids in [0, {num_classes[a]}) (num_classes[{a!r}])",
+                     f"ids in [{int(t.min())}, {int(t.max())}]")
             self.register_buffer(f"items_{a}", t.long(), persistent=False)
 
     def lookup(self, items: Tensor) -> dict[str, Tensor]:
@@ -115,6 +163,8 @@ class AttributeEmbedding(nn.Module):
         e = self.tables[a](tok)
         if tok.ndim == 2:
             return e
+        if tok.shape[-1] == 0:  # no token at any position: zeros, as for a position without a valid token
+            return e.sum(-2)
         valid = (tok != self.padding_idx).unsqueeze(-1)  # (b, n, k, 1)
         if self.pooling == "sum":
             return (e * valid).sum(-2)

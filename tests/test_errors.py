@@ -1,9 +1,17 @@
-"""Bad input raises DIFError (a ValueError) naming the argument, what was seen and what was expected."""
+"""Bad input raises DIFError (a ValueError) naming the argument, what was seen and what was expected.
+
+The cases are tables: the arguments of every entry point (``CASES``), then the dtype, device and non-finite
+checks of the modules' inputs (``MODULE_INPUT_CASES``; a ``meta`` tensor stands in for "another device" so
+the device checks run without a GPU).
+"""
+from __future__ import annotations
+
 import pytest
 import torch
 
-from dif_attention import (AttributeEmbedding, AttributePredictor, ConcatFusion, DecoupledAttention, DIFError,
-                           GateFusion, causal_mask, decoupled_attention, padding_mask)
+from dif_attention import (AttributeEmbedding, AttributePredictor, ConcatFusion, DecoupledAttention, DecoupledEncoder,
+                           DIFError, GateFusion, aap_loss, causal_mask, decoupled_attention, item_attribute_table,
+                           lengths_mask, padding_mask, total_loss)
 
 B, N, DIM = 2, 6, 16
 
@@ -77,6 +85,32 @@ CASES = {
     "embedding token out of range": (lambda: AttributeEmbedding({"cat": 5}, 4)({"cat": torch.tensor([[7]])}),
                                      ["ids['cat']", "[0, 5)", "7"]),
     "embedding unknown pooling": (lambda: AttributeEmbedding({"cat": 5}, 4, pooling="median"), ["pooling"]),
+    "embedding num_classes 0": (lambda: AttributeEmbedding({"cat": 0}, 4), ["num_classes['cat']", ">= 1", "0"]),
+    "embedding num_classes float": (lambda: AttributeEmbedding({"cat": 5.0}, 4), ["num_classes['cat']", "5.0"]),
+    "embedding num_classes empty": (lambda: AttributeEmbedding({}, 4), ["num_classes", "non-empty", "{}"]),
+    "embedding num_classes not a mapping": (lambda: AttributeEmbedding([5], 4), ["num_classes", "[5]"]),
+    "embedding dims 0": (lambda: AttributeEmbedding({"cat": 5}, 0), ["dims", ">= 1", "0"]),
+    "embedding dims float": (lambda: AttributeEmbedding({"cat": 5}, 4.0), ["dims", "an int", "4.0"]),
+    "embedding dims negative": (lambda: AttributeEmbedding({"cat": 5}, {"cat": -2}), ["dims['cat']", "-2"]),
+    "embedding dims keys": (lambda: AttributeEmbedding({"cat": 5}, {"brand": 4}), ["dims", "['cat']", "['brand']"]),
+    "embedding padding_idx = V": (lambda: AttributeEmbedding({"cat": 5}, 4, padding_idx=5),
+                                  ["padding_idx", "[0, 5)", "num_classes['cat']=5", "got 5"]),
+    "embedding padding_idx negative": (lambda: AttributeEmbedding({"cat": 5}, 4, padding_idx=-1),
+                                       ["padding_idx", ">= 0", "-1"]),
+    "embedding init_std negative": (lambda: AttributeEmbedding({"cat": 5}, 4, init_std=-1.0), ["init_std", "-1.0"]),
+    "embedding item table float": (lambda: AttributeEmbedding({"cat": 5}, 4, item_tables={"cat": torch.ones(3, 2)}),
+                                   ["item_tables['cat']", "integer", "float32"]),
+    "embedding item table token out of range": (
+        lambda: AttributeEmbedding({"cat": 5}, 4, item_tables={"cat": torch.tensor([[0], [7]])}),
+        ["item_tables['cat']", "[0, 5)", "[0, 7]"]),
+    "item table max_tokens negative": (lambda: item_attribute_table({1: [2, 3]}, 3, max_tokens=-1),
+                                       ["max_tokens", ">= 0", "-1"]),
+    "item table num_items 0": (lambda: item_attribute_table({}, 0), ["num_items", ">= 1", "0"]),
+    "item table item out of range": (lambda: item_attribute_table({3: [1]}, 3), ["item_to_tokens", "[0, 3)", "3"]),
+    "item table item not an int": (lambda: item_attribute_table({"1": [1]}, 3), ["item_to_tokens", "'1'"]),
+    "item table nested tokens": (lambda: item_attribute_table({1: [1, [2]]}, 3), ["item_to_tokens[1]", "[1, [2]]"]),
+    "item table negative token": (lambda: item_attribute_table({1: [-1]}, 3), ["item_to_tokens[1]", "non-negative"]),
+    "item table tokens a string": (lambda: item_attribute_table({1: "ab"}, 3), ["item_to_tokens[1]", "'ab'"]),
     "predictor wrong width": (lambda: AttributePredictor(8, {"cat": 5})(torch.randn(3, 6)), ["h", "8", "(3, 6)"]),
 }
 
@@ -95,3 +129,123 @@ def test_bad_input_raises_named_error(case):
 def test_good_input_passes():
     out = _call_module({"mask": padding_mask(torch.ones(B, N, dtype=torch.long))})
     assert out.shape == (B, N, DIM)
+
+
+@pytest.mark.parametrize("pooling", ["sum", "mean", "max"])
+def test_pooling_of_no_tokens_gives_zeros(pooling):
+    """``k = 0`` tokens per position (an attribute no item has): zeros, as for a position whose tokens are all
+    padding -- for ``max`` too, which has nothing to take the maximum of."""
+    emb = AttributeEmbedding({"cat": 5}, 4, pooling=pooling)
+    out = emb({"cat": torch.zeros(2, 3, 0, dtype=torch.long)})["cat"]
+    assert out.shape == (2, 3, 4) and not out.any()
+    padded = emb({"cat": torch.zeros(2, 3, 2, dtype=torch.long)})["cat"]
+    assert torch.equal(out, padded)
+
+
+def test_item_table_accepts_tensors_and_numpy_ints():
+    import numpy as np
+    table = item_attribute_table({np.int64(1): torch.tensor([2, 3]), 2: (np.int32(4),)}, 3, max_tokens=1)
+    assert table.tolist() == [[0], [2], [4]]
+
+
+# ---------------------------------------------------------------------------------------------- module inputs
+def module_inputs(dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(2, 5, 16, generator=g).to(dtype), {"cat": torch.randn(2, 5, 8, generator=g).to(dtype)},
+            torch.randn(5, 16, generator=g).to(dtype))
+
+
+ATTN = DecoupledAttention(16, 2, attr_dims={"cat": 8})
+ATTN_FINITE = DecoupledAttention(16, 2, attr_dims={"cat": 8}, check_finite=True)
+
+
+def call_with(arg, value, module=ATTN):
+    x, attrs, pos = module_inputs()
+    kw = {"x": x, "attrs": attrs, "pos": pos}
+    if arg.startswith("attrs"):
+        kw["attrs"] = {"cat": value}
+    else:
+        kw[arg] = value
+    return module(kw.pop("x"), **kw)
+
+
+def poisoned(t, value):
+    t = t.clone()
+    t.view(-1)[3] = value
+    return t
+
+
+X, ATTRS, POS = module_inputs()
+MODULE_INPUT_CASES = [
+    # (argument, bad value, module, the message must contain)
+    ("x", X.double(), ATTN, "x: expected dtype torch.float32"),
+    ("x", X.half(), ATTN, "the dtype of DecoupledAttention's parameters"),
+    ("pos", POS.double(), ATTN, "pos: expected dtype torch.float32"),
+    ("attrs", ATTRS["cat"].double(), ATTN, "attrs['cat']: expected dtype torch.float32"),
+    ("x", X.to("meta"), ATTN, "x: expected device cpu"),
+    ("pos", POS.to("meta"), ATTN, "pos: expected device cpu"),
+    ("attrs", ATTRS["cat"].to("meta"), ATTN, "attrs['cat']: expected device cpu"),
+    ("x", poisoned(X, float("nan")), ATTN_FINITE, "x: expected finite values (check_finite=True), got 1 non-finite"),
+    ("pos", poisoned(POS, float("inf")), ATTN_FINITE, "pos: expected finite values"),
+    ("attrs", poisoned(ATTRS["cat"], float("-inf")), ATTN_FINITE, "attrs['cat']: expected finite values"),
+]
+
+
+@pytest.mark.parametrize("arg, value, module, message", MODULE_INPUT_CASES,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(MODULE_INPUT_CASES)])
+def test_module_inputs_are_validated(arg, value, module, message):
+    with pytest.raises(DIFError) as info:
+        call_with(arg, value, module)
+    assert message in str(info.value), str(info.value)
+
+
+def test_non_finite_passes_without_the_flag():
+    x, attrs, pos = module_inputs()
+    out = ATTN(poisoned(x, float("nan")), attrs=attrs, pos=pos)
+    assert bool(out.isnan().any())  # the flag is what turns a silent NaN into an error
+
+
+def test_autocast_accepts_low_precision_inputs():
+    x, attrs, pos = module_inputs(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ATTN(x, attrs=attrs, pos=pos).shape == (2, 5, 16)
+
+
+def test_encoder_forwards_check_finite():
+    enc = DecoupledEncoder(2, 16, 2, attr_dims={"cat": 8}, check_finite=True)
+    x, attrs, pos = module_inputs()
+    with pytest.raises(DIFError, match=r"^x: expected finite"):
+        enc(poisoned(x, float("nan")), attrs=attrs, pos=pos)
+
+
+def test_predictor_and_embedding_inputs():
+    pred = AttributePredictor(16, {"cat": 5})
+    with pytest.raises(DIFError, match=r"^h: expected dtype torch.float32 .*got dtype torch.float64"):
+        pred(torch.randn(3, 16, dtype=torch.float64))
+    emb = AttributeEmbedding({"cat": 5}, 8)
+    with pytest.raises(DIFError, match=r"^ids\['cat'\]: expected device cpu .*got device meta"):
+        emb({"cat": torch.ones(2, 3, dtype=torch.long, device="meta")})
+
+
+def test_aap_loss_valid_must_be_bool():
+    logits, targets = {"cat": torch.randn(2, 5)}, {"cat": torch.tensor([1, 2])}
+    for valid in (torch.tensor([1, 0]), torch.tensor([1.0, 0.0])):  # an int tensor would index rows 1 and 0
+        with pytest.raises(DIFError, match=r"^valid: expected a bool tensor of shape \(2,\), got dtype"):
+            aap_loss(logits, targets, valid=valid)
+    only_first = aap_loss(logits, targets, valid=torch.tensor([True, False]))["cat"]
+    torch.testing.assert_close(only_first, aap_loss({"cat": logits["cat"][:1]}, {"cat": targets["cat"][:1]})["cat"])
+
+
+def test_total_loss_needs_a_weight_per_attribute():
+    with pytest.raises(DIFError, match=r"^lamb: expected a weight for every attribute \['cat'\], got keys \['brand'\]"):
+        total_loss(torch.tensor(1.0), {"cat": torch.tensor(0.5)}, lamb={"brand": 1.0})
+
+
+def test_lengths_mask_arguments():
+    with pytest.raises(DIFError, match=r"^lengths: expected an integer tensor"):
+        lengths_mask(torch.tensor([1.5, 2.0]), 3)
+    with pytest.raises(DIFError, match=r"^n: expected a positive int, got 0"):
+        lengths_mask(torch.tensor([1, 2]), 0)
+    with pytest.raises(DIFError, match=r"^n: expected a positive int, got True"):
+        causal_mask(True)
+
