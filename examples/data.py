@@ -19,8 +19,8 @@ Shapes (einops style): ``tables[a]`` is ``(num_items + 1, k)`` long -- row ``i``
 """
 from __future__ import annotations
 
-import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["DataError", "Dataset", "read_atomic", "read_s3rec", "fetch_ml100k", "k_core", "load_dataset",
-           "from_sequences", "REPO_ROOT"]
+__all__ = ["DataError", "Dataset", "read_atomic", "read_s3rec", "read_text", "fetch_ml100k", "k_core",
+           "load_dataset", "from_sequences", "MIN_LENGTH", "REPO_ROOT"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_AMAZON = REPO_ROOT.parent / "shared" / "data" / "amazon"
@@ -41,6 +41,8 @@ AMAZON = {"beauty": "Beauty", "sports": "Sports_and_Outdoors"}
 ATOMIC_TYPES = ("token", "token_seq", "float", "float_seq")
 ML100K_WHEEL = "recbole==1.2.1"
 ML100K_MEMBERS = ("recbole/dataset_example/ml-100k/ml-100k.inter", "recbole/dataset_example/ml-100k/ml-100k.item")
+#: the shortest history leave-one-out can split: one item to condition on, a validation and a test target
+MIN_LENGTH = 3
 
 
 class DataError(ValueError):
@@ -48,6 +50,22 @@ class DataError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------- readers
+def read_text(path: "str | Path") -> str:
+    """The UTF-8 text of ``path`` (a leading byte-order mark is dropped). :class:`DataError` names the file
+    (and the line of the first byte that is not UTF-8)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - raw.rfind(b"\n", 0, e.start)
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {column}); "
+                        "convert the file to UTF-8") from None
+
+
 def _parse_value(kind: str, text: str, where: str):
     if kind == "token":
         return text
@@ -61,49 +79,60 @@ def _parse_value(kind: str, text: str, where: str):
         raise DataError(f"{where}: expected a {kind} value, got {text!r}") from None
 
 
-def read_atomic(path: "str | Path", *, text: str | None = None) -> dict[str, list]:
-    """Read one RecBole atomic file into columns ``{field: [values]}`` (``token`` -> str,
-    ``token_seq`` -> list of str, ``float`` -> float, ``float_seq`` -> list of float).
-
-    Raises :class:`DataError` naming the file and the 1-based line for a bad header or row.
-    ``text`` reads from a string instead of the file (``path`` is then only used in messages).
-    """
-    path = Path(path)
+def _read_atomic(path: Path, text: str | None = None) -> tuple[dict[str, list], dict[str, str], list[int]]:
+    """``(columns, kinds, lines)``: the columns of :func:`read_atomic`, each field's type, and the 1-based
+    line of every row."""
     if text is None:
-        if not path.exists():
-            raise DataError(f"{path}: file not found")
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path)
     lines = text.splitlines()
     if not lines:
         raise DataError(f"{path}:1: empty file, expected a header of field:type columns")
-    names, kinds = [], []
+    kinds: dict[str, str] = {}
     for col in lines[0].split("\t"):
         name, sep, kind = col.strip().rpartition(":")
         if not sep or not name or kind not in ATOMIC_TYPES:
             raise DataError(f"{path}:1: bad header column {col!r}, expected field:type with type in {ATOMIC_TYPES}")
-        names.append(name)
-        kinds.append(kind)
-    columns: dict[str, list] = {n: [] for n in names}
+        if name in kinds:
+            raise DataError(f"{path}:1: column {name!r} appears twice in the header")
+        kinds[name] = kind
+    columns: dict[str, list] = {n: [] for n in kinds}
+    rows = []
     for lineno, line in enumerate(lines[1:], start=2):
         if not line.strip():
             continue
         parts = line.split("\t")
-        if len(parts) != len(names):
-            raise DataError(f"{path}:{lineno}: expected {len(names)} tab-separated fields, got {len(parts)}")
-        for name, kind, part in zip(names, kinds, parts):
+        if len(parts) != len(kinds):
+            raise DataError(f"{path}:{lineno}: expected {len(kinds)} tab-separated fields, got {len(parts)}")
+        for (name, kind), part in zip(kinds.items(), parts):
             columns[name].append(_parse_value(kind, part, f"{path}:{lineno}: field {name!r}"))
-    return columns
+        rows.append(lineno)
+    return columns, kinds, rows
+
+
+def read_atomic(path: "str | Path", *, text: str | None = None) -> dict[str, list]:
+    """Read one RecBole atomic file into columns ``{field: [values]}`` (``token`` -> str,
+    ``token_seq`` -> list of str, ``float`` -> float (an empty field -> NaN), ``float_seq`` -> list of float).
+
+    Raises :class:`DataError` naming the file and the 1-based line for a bad header (a column named twice
+    included), a bad row, or bytes that are not UTF-8. ``text`` reads from a string instead of the file
+    (``path`` is then only used in messages).
+    """
+    return _read_atomic(Path(path), text)[0]
+
+
+def _token(value) -> bool:
+    """An attribute token of the JSON file: a string or a number (not a bool, list or object)."""
+    return isinstance(value, (str, int, float)) and not isinstance(value, bool)
 
 
 def read_s3rec(txt: "str | Path", attributes: "str | Path | None" = None):
     """Read ``<name>.txt`` (and ``<name>_item2attributes.json``): returns ``(users, item_tokens)``,
     ``users`` a dict user -> list of item tokens in file (= time) order, ``item_tokens`` a dict
-    item token -> list of attribute tokens (all strings). Errors name the file and line."""
+    item token -> list of attribute tokens (all strings). Errors name the file and line (the item for a
+    bad attribute list)."""
     txt = Path(txt)
-    if not txt.exists():
-        raise DataError(f"{txt}: file not found")
     users: dict[str, list[str]] = {}
-    for lineno, line in enumerate(txt.read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, line in enumerate(read_text(txt).splitlines(), start=1):
         parts = line.split()
         if not parts:
             continue
@@ -115,17 +144,16 @@ def read_s3rec(txt: "str | Path", attributes: "str | Path | None" = None):
     item_tokens: dict[str, list[str]] = {}
     if attributes is not None:
         attributes = Path(attributes)
-        if not attributes.exists():
-            raise DataError(f"{attributes}: file not found")
         try:
-            raw = json.loads(attributes.read_text(encoding="utf-8"))
+            raw = json.loads(read_text(attributes))
         except json.JSONDecodeError as e:
             raise DataError(f"{attributes}:{e.lineno}: invalid JSON ({e.msg})") from None
         if not isinstance(raw, dict):
             raise DataError(f"{attributes}:1: expected an object {{item: [attributes]}}")
         for item, toks in raw.items():
-            if not isinstance(toks, list):
-                raise DataError(f"{attributes}: item {item!r}: expected a list of attributes, got {toks!r}")
+            if not isinstance(toks, list) or not all(_token(t) for t in toks):
+                raise DataError(f"{attributes}: item {item!r}: expected a flat list of attribute tokens (strings "
+                                f"or numbers), got {toks!r}")
             item_tokens[str(item)] = [str(t) for t in toks]
     return users, item_tokens
 
@@ -190,6 +218,20 @@ class Dataset:
     tables: dict[str, torch.Tensor] = field(default_factory=dict)
     num_classes: dict[str, int] = field(default_factory=dict)
     notes: str = ""
+    source: str = ""  # the file the histories came from (for messages)
+    attribute_files: dict[str, str] = field(default_factory=dict)  # attribute -> the file it came from
+
+    def require_attributes(self, model: str) -> None:
+        """Raise :class:`DataError` unless every attribute names at least one item of the data: ``model``
+        (an attribute model) needs them. A file naming none of the items would train on padding alone."""
+        if not self.tables:
+            raise DataError(f"{self.source or self.name}: {model} needs item attributes and this dataset has none "
+                            "(give an .item file with token/token_seq fields, or <name>_item2attributes.json "
+                            "next to the .txt)")
+        for a, table in self.tables.items():
+            if not bool(table.any()):
+                raise DataError(f"{self.attribute_files.get(a, self.source or self.name)}: attribute {a!r} names "
+                                f"none of the {self.num_items} items of the data ({model} needs item attributes)")
 
     @property
     def info(self) -> dict:
@@ -206,6 +248,9 @@ class Dataset:
     def split(self, part: str, max_len: int) -> tuple[np.ndarray, np.ndarray]:
         """Evaluation samples: ``part`` in {"valid", "test"}. Returns (history ids ``(u, max_len)`` right-padded,
         target ``(u,)``). Validation: history ``s[:-2]``, target ``s[-2]``; test: ``s[:-1]`` -> ``s[-1]``."""
+        if part not in ("valid", "test"):
+            raise ValueError(f"part: expected 'valid' or 'test', got {part!r}")
+        check_max_len(max_len)
         cut = {"valid": 2, "test": 1}[part]
         hist = [s[:len(s) - cut] for s in self.sequences]
         targets = np.array([s[len(s) - cut] for s in self.sequences], dtype=np.int64)
@@ -214,6 +259,7 @@ class Dataset:
     def prefix_samples(self, max_len: int) -> tuple[np.ndarray, np.ndarray]:
         """One training sample per prefix of ``s[:-2]``: history (at most ``max_len`` most recent items,
         right-padded) -> next item. The RecBole / DIF-SR scheme."""
+        check_max_len(max_len)
         hist, targets = [], []
         for s in self.sequences:
             train = s[:-2]
@@ -225,6 +271,7 @@ class Dataset:
     def train_windows(self, max_len: int) -> np.ndarray:
         """``s[:-2]`` cut from the end into non-overlapping windows of at most ``max_len`` items, right-padded
         ``(w, max_len)`` -- the training sequences of a masked (BERT4Rec) model trained on all positions."""
+        check_max_len(max_len)
         out = []
         for s in self.sequences:
             train = s[:-2]
@@ -236,6 +283,7 @@ class Dataset:
         """All-positions training (the original SASRec scheme): ``s[:-2]`` cut from the end into windows
         of ``max_len + 1`` items overlapping by one; input = window[:-1], targets = window[1:], both
         right-padded ``(w, max_len)`` (target 0 = no loss). Every training transition appears exactly once."""
+        check_max_len(max_len)
         inputs, targets = [], []
         for s in self.sequences:
             train = s[:-2]
@@ -249,8 +297,16 @@ class Dataset:
         return pad(inputs, max_len), pad(targets, max_len)
 
 
+def check_max_len(max_len) -> int:
+    """``max_len`` (a window or history length) must be an int >= 1."""
+    if isinstance(max_len, bool) or not isinstance(max_len, (int, np.integer)) or max_len < 1:
+        raise ValueError(f"max_len: expected an int >= 1, got {max_len!r}")
+    return int(max_len)
+
+
 def pad(seqs: list[list[int]], max_len: int) -> np.ndarray:
     """Right-pad (keep the ``max_len`` most recent items): ``(len(seqs), max_len)`` int64."""
+    check_max_len(max_len)
     out = np.zeros((len(seqs), max_len), dtype=np.int64)
     for r, s in enumerate(seqs):
         s = s[-max_len:]
@@ -259,12 +315,34 @@ def pad(seqs: list[list[int]], max_len: int) -> np.ndarray:
 
 
 def from_sequences(name: str, users: dict, item_tokens: dict[str, dict] | None = None, *, k: int = 5,
-                   notes: str = "") -> Dataset:
+                   notes: str = "", source: str | None = None) -> Dataset:
     """Build a :class:`Dataset` from ``users`` (user -> item tokens in time order) and ``item_tokens``
-    (attribute -> {item token: [attribute tokens]}): k-core filter (``k=0`` skips it), then re-index items
-    by first appearance and attribute tokens by first appearance (both starting at 1)."""
+    (attribute -> {item token: [attribute tokens]}): k-core filter (``k=0`` skips it), users shorter than
+    :data:`MIN_LENGTH` dropped (leave-one-out needs a history, a validation and a test item; the dataset's
+    ``notes`` say how many), then items re-indexed by first appearance and attribute tokens by first
+    appearance (both starting at 1). ``source`` (default ``name``) names the data in messages: a
+    :class:`DataError` if no user is left."""
+    source = source or name
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"k: expected an int >= 0, got {k!r}")
+    found = (f"{len(users)} users, {len({i for s in users.values() for i in s})} items, "
+             f"{sum(map(len, users.values()))} interactions")
+    if not users:
+        raise DataError(f"{source}: no users (found no interaction in it)")
     if k:
         users = k_core(users, k)
+        if not users:
+            raise DataError(f"{source}: no user is left after the {k}-core filter (found {found}; every user and "
+                            f"item needs at least {k} interactions)")
+    short = [u for u, s in users.items() if len(s) < MIN_LENGTH]
+    if short:
+        users = {u: s for u, s in users.items() if len(s) >= MIN_LENGTH}
+        if not users:
+            raise DataError(f"{source}: no user has the {MIN_LENGTH} interactions leave-one-out needs (a history, a "
+                            f"validation and a test item; found {found})")
+        dropped = (f"dropped {len(short)} users with fewer than {MIN_LENGTH} interactions (leave-one-out needs a "
+                   "history, a validation and a test item)")
+        notes = f"{notes}; {dropped}" if notes else dropped
     item_id: dict = {}
     sequences = []
     for s in users.values():
@@ -287,41 +365,80 @@ def from_sequences(name: str, users: dict, item_tokens: dict[str, dict] | None =
         for i, ids in rows.items():
             table[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
         tables[a], num_classes[a] = table, len(tok_id) + 1
-    return Dataset(name, sequences, num_items, tables, num_classes, notes)
+    return Dataset(name, sequences, num_items, tables, num_classes, notes, source)
+
+
+def _timestamps(inter: dict, kinds: dict, lines: list[int], path: Path) -> list[float] | None:
+    """The ``timestamp`` column as finite numbers (a ``token`` column is parsed as numbers: sorting it as text
+    would put "10" before "9"); ``None`` without the column."""
+    if "timestamp" not in inter:
+        return None
+    if kinds["timestamp"] not in ("float", "token"):
+        raise DataError(f"{path}:1: column 'timestamp' must be timestamp:float (or a numeric timestamp:token), "
+                        f"got timestamp:{kinds['timestamp']}")
+    out = []
+    for value, line in zip(inter["timestamp"], lines):
+        try:
+            t = float(value)
+        except ValueError:
+            raise DataError(f"{path}:{line}: timestamp {value!r} is not a number (histories are sorted by "
+                            "it)") from None
+        if not math.isfinite(t):
+            seen = "is empty" if value == "" or (isinstance(value, float) and math.isnan(value)) else f"is {value!r}"
+            raise DataError(f"{path}:{line}: timestamp {seen}: expected a finite number (histories are sorted by it)")
+        out.append(t)
+    return out
+
+
+def _id_column(cols: dict, kinds: dict, field_name: str, path: Path) -> None:
+    if field_name not in cols:
+        raise DataError(f"{path}:1: no {field_name} column (have {sorted(cols)})")
+    if kinds[field_name] != "token":
+        raise DataError(f"{path}:1: column {field_name!r} must be {field_name}:token, got "
+                        f"{field_name}:{kinds[field_name]}")
 
 
 def load_atomic(folder: "str | Path", name: str | None = None, *, k: int = 5,
                 attributes: list[str] | None = None) -> Dataset:
     """A RecBole atomic dataset ``folder/<name>.inter`` (+ ``.item``). Histories are sorted by the
-    ``timestamp`` column with a stable sort (ties keep file order, as RecBole 1.2.1). Attributes:
-    the ``.item`` token / token_seq fields named in ``attributes`` (default: every token_seq field)."""
+    ``timestamp`` column (float, or a numeric token) with a stable sort (ties keep file order, as RecBole
+    1.2.1); an empty or non-numeric timestamp is refused. Attributes: the ``.item`` token / token_seq fields
+    named in ``attributes`` (default: every token_seq field). Errors name the file and line."""
     folder = Path(folder)
     name = name or folder.name
-    inter = read_atomic(folder / f"{name}.inter")
+    inter_path = folder / f"{name}.inter"
+    inter, kinds, lines = _read_atomic(inter_path)
     for needed in ("user_id", "item_id"):
-        if needed not in inter:
-            raise DataError(f"{folder / f'{name}.inter'}:1: no {needed} column (have {sorted(inter)})")
-    times = inter.get("timestamp")
+        _id_column(inter, kinds, needed, inter_path)
+    if not lines:
+        raise DataError(f"{inter_path}: no users (found a header and no interaction)")
+    times = _timestamps(inter, kinds, lines, inter_path)
     order = range(len(inter["user_id"]))
     if times is not None:
         order = sorted(order, key=lambda r: times[r])  # Python's sort is stable
     users: dict = {}
     for r in order:
         users.setdefault(inter["user_id"][r], []).append(inter["item_id"][r])
-    item_tokens = {}
+    item_tokens, files = {}, {}
     item_file = folder / f"{name}.item"
     if item_file.exists():
-        text = item_file.read_text(encoding="utf-8")
-        cols = read_atomic(item_file, text=text)
-        header = dict(c.rsplit(":", 1) for c in text.splitlines()[0].split("\t"))
-        wanted = attributes or [f for f, t in header.items() if t == "token_seq"]
+        cols, item_kinds, item_lines = _read_atomic(item_file)
+        _id_column(cols, item_kinds, "item_id", item_file)
+        first: dict = {}
+        for item, line in zip(cols["item_id"], item_lines):
+            if first.setdefault(item, line) != line:
+                raise DataError(f"{item_file}:{line}: item {item!r} appears twice (first on line {first[item]})")
+        wanted = attributes or [f for f, t in item_kinds.items() if t == "token_seq"]
         for a in wanted:
-            if a not in cols or header[a] not in ("token", "token_seq"):
+            if a not in cols or item_kinds[a] not in ("token", "token_seq"):
                 raise DataError(f"{item_file}:1: no token/token_seq field {a!r} (have {sorted(cols)})")
             vals = cols[a]
             item_tokens[a] = {i: (v if isinstance(v, list) else [v]) for i, v in zip(cols["item_id"], vals)}
+            files[a] = str(item_file)
     note = "histories sorted by timestamp with a stable sort (ties keep file order)" if times is not None else ""
-    return from_sequences(name, users, item_tokens, k=k, notes=note)
+    ds = from_sequences(name, users, item_tokens, k=k, notes=note, source=str(inter_path))
+    ds.attribute_files = files
+    return ds
 
 
 def load_s3rec(txt: "str | Path", attributes: "str | Path | None" = None, *, k: int = 5) -> Dataset:
@@ -331,8 +448,10 @@ def load_s3rec(txt: "str | Path", attributes: "str | Path | None" = None, *, k: 
         cand = txt.with_name(f"{txt.stem}_item2attributes.json")
         attributes = cand if cand.exists() else None
     users, item_tokens = read_s3rec(txt, attributes)
-    return from_sequences(txt.stem, users, {"attribute": item_tokens} if item_tokens else {}, k=k,
-                          notes="S3-Rec format (file order = time order)")
+    ds = from_sequences(txt.stem, users, {"attribute": item_tokens} if item_tokens else {}, k=k,
+                        notes="S3-Rec format (file order = time order)", source=str(txt))
+    ds.attribute_files = {"attribute": str(attributes)} if item_tokens else {}
+    return ds
 
 
 def load_dataset(name_or_path: "str | Path" = "ml-100k", *, data: "str | Path | None" = None, k: int = 5,

@@ -128,3 +128,119 @@ def test_ml100k_download(tmp_path, monkeypatch):
     ds = load_dataset("ml-100k")
     assert (len(ds.sequences), ds.num_items) == (943, 1349)
     assert torch.is_tensor(ds.tables["class"])
+
+
+# ---------------------------------------------------------------------------------------------- bad data
+def files(tmp_path, **named: "str | bytes") -> Path:
+    """Write ``name_ext=content`` files into ``tmp_path`` (``d_inter`` -> ``d.inter``); returns the folder."""
+    for key, content in named.items():
+        stem, ext = key.rsplit("_", 1)
+        f = tmp_path / f"{stem}.{ext}"
+        f.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return tmp_path
+
+
+INTER = "user_id:token\titem_id:token\ttimestamp:float\n"
+GOOD_ROWS = "".join(f"{u}\t{i}\t{t}\n" for u in (1, 2) for t, i in enumerate((10, 11, 12, 13)))
+S3REC = "1 10 11 12 13\n2 10 11 12 13\n"
+
+# name: (files, loader, substrings the DataError message must contain)
+BAD_DATA = {
+    "inter not UTF-8": ({"d_inter": INTER.encode() + b"1\t10\t1\n1\t\xff11\t2\n"}, "d.inter", ["d.inter:3:", "UTF-8"]),
+    "txt not UTF-8": ({"d_txt": b"1 10 11 12\n2 10 \xe9\n"}, "d.txt", ["d.txt:2:", "UTF-8"]),
+    "json not UTF-8": ({"d_txt": S3REC, "d_item2attributes_json": b'{"10": ["\xff"]}'}, "d.txt",
+                       ["d_item2attributes.json:1:", "UTF-8"]),
+    "user_id twice": ({"d_inter": "user_id:token\tuser_id:token\titem_id:token\n1\t1\t10\n"}, "d.inter",
+                      ["d.inter:1:", "'user_id' appears twice"]),
+    "no item_id": ({"d_inter": "user_id:token\ttimestamp:float\n1\t1\n"}, "d.inter", ["d.inter:1:", "no item_id"]),
+    "item_id token_seq": ({"d_inter": "user_id:token\titem_id:token_seq\n1\t10 11\n"}, "d.inter",
+                          ["d.inter:1:", "item_id:token", "item_id:token_seq"]),
+    "user_id float": ({"d_inter": "user_id:float\titem_id:token\n1\t10\n"}, "d.inter", ["d.inter:1:", "user_id:token"]),
+    "item file without item_id": ({"d_inter": INTER + GOOD_ROWS, "d_item": "id:token\tclass:token_seq\n10\tA\n"},
+                                  "d.inter", ["d.item:1:", "no item_id"]),
+    "item listed twice": ({"d_inter": INTER + GOOD_ROWS, "d_item": "item_id:token\tclass:token_seq\n10\tA\n11\tB\n"
+                           "10\tC\n"}, "d.inter", ["d.item:4:", "'10' appears twice", "line 2"]),
+    "timestamp token not a number": ({"d_inter": "user_id:token\titem_id:token\ttimestamp:token\n1\t10\t5\n"
+                                      "1\t11\tmonday\n"}, "d.inter", ["d.inter:3:", "'monday' is not a number"]),
+    "empty float timestamp": ({"d_inter": INTER + "1\t10\t1\n1\t11\t\n"}, "d.inter", ["d.inter:3:", "timestamp is empty"]),
+    "infinite timestamp": ({"d_inter": INTER + "1\t10\tinf\n"}, "d.inter", ["d.inter:2:", "finite number"]),
+    "timestamp float_seq": ({"d_inter": "user_id:token\titem_id:token\ttimestamp:float_seq\n1\t10\t1 2\n"}, "d.inter",
+                            ["d.inter:1:", "timestamp:float_seq"]),
+    "nested attribute list": ({"d_txt": S3REC, "d_item2attributes_json": '{"10": ["a", ["b", "c"]], "11": ["a"]}'},
+                              "d.txt", ["d_item2attributes.json", "item '10'", "flat list"]),
+    "attributes not a list": ({"d_txt": S3REC, "d_item2attributes_json": '{"10": "a"}'}, "d.txt",
+                              ["d_item2attributes.json", "item '10'"]),
+    "empty txt": ({"d_txt": ""}, "d.txt", ["d.txt", "no users", "no interaction"]),
+    "blank txt": ({"d_txt": "\n\n"}, "d.txt", ["d.txt", "no users"]),
+    "header-only inter": ({"d_inter": INTER}, "d.inter", ["d.inter", "no users", "a header and no interaction"]),
+    "empty inter": ({"d_inter": ""}, "d.inter", ["d.inter:1:", "empty file"]),
+    "5-core empties the data": ({"d_txt": S3REC}, "d.txt", ["d.txt", "5-core", "found 2 users, 4 items, 8 interactions"]),
+    "every user too short": ({"d_txt": "1 10 11\n2 10\n"}, "d.txt", ["d.txt", "leave-one-out", "found 2 users"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DATA))
+def test_bad_data_raises_data_error_naming_file_and_line(tmp_path, case):
+    named, target, needles = BAD_DATA[case]
+    folder = files(tmp_path, **named)
+    k = 5 if "5-core" in case else 0
+    with pytest.raises(DataError) as info:
+        load_dataset(folder / target, k=k)
+    msg = str(info.value)
+    assert "\n" not in msg
+    for needle in needles:
+        assert needle in msg, f"{case}: {needle!r} not in {msg!r}"
+
+
+def test_token_timestamps_sort_as_numbers(tmp_path):
+    # user 0 comes first and fixes the ids a=1, b=2, c=3, d=4; user 1's order is then visible in its ids
+    folder = files(tmp_path, d_inter="user_id:token\titem_id:token\ttimestamp:token\n"
+                   "0\ta\t0\n0\tb\t1\n0\tc\t2\n0\td\t3\n1\ta\t10\n1\tb\t9\n1\tc\t100\n1\td\t2.5\n")
+    ds = load_dataset(folder / "d.inter", k=0)
+    assert ds.sequences[0] == [1, 2, 3, 4]
+    assert ds.sequences[1] == [4, 2, 1, 3]  # d (2.5), b (9), a (10), c (100); as text: a, c, d, b
+
+
+def test_a_leading_byte_order_mark_is_dropped(tmp_path):
+    folder = files(tmp_path, d_inter=b"\xef\xbb\xbf" + (INTER + GOOD_ROWS).encode())
+    assert load_dataset(folder / "d.inter", k=0).num_items == 4
+
+
+def test_users_too_short_for_leave_one_out_are_dropped_with_a_note(tmp_path):
+    folder = files(tmp_path, d_txt="1 10 11 12 13\n2 10\n3 10 11\n4 12 13 10\n")
+    ds = load_dataset(folder / "d.txt", k=0)
+    assert len(ds.sequences) == 2 and min(map(len, ds.sequences)) >= 3
+    assert "dropped 2 users with fewer than 3 interactions" in ds.notes
+    (hist, tgt), (vhist, vtgt) = ds.split("test", 5), ds.split("valid", 5)
+    assert (tgt != vtgt).all() and (vhist != 0).any(-1).all()  # every validation history has an item
+
+
+def test_attributes_naming_no_item_are_refused_for_the_attribute_models(tmp_path):
+    folder = files(tmp_path, d_txt="1 10 11 12 13\n2 10 11 12 13\n", d_item2attributes_json='{"99": ["a"]}')
+    ds = load_dataset(folder / "d.txt", k=0)
+    with pytest.raises(DataError, match=r"d_item2attributes\.json: attribute 'attribute' names none of the 4 items"):
+        ds.require_attributes("DIFSASRec")
+    (tmp_path / "bare").mkdir()
+    bare = load_dataset(files(tmp_path / "bare", d_txt="1 10 11 12\n") / "d.txt", k=0)
+    with pytest.raises(DataError, match=r"d\.txt: NOVA needs item attributes and this dataset has none"):
+        bare.require_attributes("NOVA")
+
+
+@pytest.mark.parametrize("method", ["window_samples", "prefix_samples", "train_windows", "split"])
+@pytest.mark.parametrize("max_len", [0, -3])
+def test_max_len_below_one_is_refused(tmp_path, method, max_len):
+    """window_samples(0) used to loop for ever, filling memory; every sampler refuses it first."""
+    import signal
+
+    def too_slow(*_):
+        raise TimeoutError(f"{method}({max_len}) did not return")
+
+    ds = load_dataset(files(tmp_path, d_txt="1 1 2 3 4 5\n") / "d.txt", k=0)
+    old = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(10)
+    try:
+        with pytest.raises(ValueError, match=rf"^max_len: expected an int >= 1, got {max_len}$"):
+            getattr(ds, method)(*(("valid",) if method == "split" else ()), max_len)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
