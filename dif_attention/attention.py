@@ -57,8 +57,8 @@ class KVCache:
         for s, (old, new) in enumerate(zip(self.keys, keys)):
             if old.shape[1] != new.shape[1] or old.shape[3] != new.shape[3] or old.shape[2] != self.length \
                     or old.shape[0] not in (1, b):
-                fail(f"cache.keys[{s}]", f"shape ({b} or 1, {new.shape[1]}, {self.length}, {new.shape[3]}) = "
-                     f"(b|1, heads, m, e_{s})", old.shape)
+                fail(f"cache.keys[{s}]", f"shape ({b if b == 1 else f'{b} or 1'}, {new.shape[1]}, {self.length}, "
+                     f"{new.shape[3]}) = (b|1, heads, m, e_{s})", old.shape)
             if old.shape[0] != new.shape[0]:
                 old, new = old.expand(b, -1, -1, -1), new.expand(b, -1, -1, -1)
             grown.append(torch.cat([old, new], dim=-2))

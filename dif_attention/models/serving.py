@@ -42,13 +42,13 @@ def _eager() -> bool:
 
 
 def last_items(histories: Tensor, width: int) -> tuple[Tensor, Tensor]:
-    """The last ``width`` items of each right-padded history ``(b, n)``, left-aligned and right-padded:
-    ``(b, min(n, width))`` (``(b, width)`` when traced: one static width for every ``n``), and how many each
-    row kept ``(b,)``."""
+    """The last ``width`` items of each right-padded history ``(b, n)``, left-aligned and right-padded to the
+    longest: ``(b, min(longest, width))`` (``(b, width)`` when traced: one static width for every ``n``), and how
+    many each row kept ``(b,)``."""
     b, n = histories.shape
     total = (histories != 0).sum(1)
     kept = total.clamp(max=width)
-    cols = torch.arange(min(n, width) if _eager() else width, device=histories.device)
+    cols = torch.arange(min(int(kept.max()), width) if _eager() else width, device=histories.device)
     idx = ((total - kept)[:, None] + cols[None, :]).clamp(max=n - 1)
     return torch.where(cols[None, :] < kept[:, None], histories.gather(1, idx), 0), kept
 
