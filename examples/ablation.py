@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from cli import TRAIN_FIELDS, config_from_args, machine, parser, table
+from cli import TRAIN_FIELDS, machine, name_list, parser, setting_message, settings_from_args, table, user_errors
 from data import load_dataset
-from train import dist_info, run
+from train import SettingError, atomic_write_text, check_settings, dist_info, preflight, run
 
 VARIANTS = {
     # name: (model, changed settings, what it is)
@@ -45,31 +45,40 @@ VARIANTS = {
 
 def main(argv=None):
     p = parser(__doc__.splitlines()[0], [])
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variants")
+    p.add_argument("--variants", type=name_list(list(VARIANTS)), default=",".join(VARIANTS),
+                   help="comma-separated variants")
     p.add_argument("--list", action="store_true", help="describe the variants and exit")
     args = p.parse_args(argv)
     if args.list:
         for k, (m, ch, what) in VARIANTS.items():
             print(f"{k:18s} {m:10s} {ch}  {what}")
         return []
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cfg, model_config = config_from_args(args)
-    rank, world = dist_info()
-    names = [v for v in args.variants.split(",") if v]
-    unknown = [v for v in names if v not in VARIANTS]
-    if unknown:
-        p.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
-    seeds = [int(s) for s in args.seeds.split(",") if s != ""]
-    dataset = load_dataset(args.dataset, data=args.data)
-    t0 = time.perf_counter()
-    results = []
+    names, seeds = args.variants, args.seeds
+    if not names:
+        p.error(f"--variants: expected at least one of {', '.join(VARIANTS)}, got none")
+    cfg, model_config = settings_from_args(p, args, models=[])
+    runs = []  # (seed, variant, model, training config, model settings)
     for seed in seeds:
         for v in names:
             model, changes, _ = VARIANTS[v]
             train_changes = {k: x for k, x in changes.items() if k in TRAIN_FIELDS}
             c = dataclasses.replace(cfg, seed=seed, tag=v, **train_changes)
             settings = {**model_config, **{k: x for k, x in changes.items() if k not in TRAIN_FIELDS}}
+            try:
+                check_settings(c, settings, [model])
+            except SettingError as err:
+                p.error(setting_message(err))
+            runs.append((v, model, c, settings))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with user_errors(p):
+        rank, world = dist_info()
+        dataset = load_dataset(args.dataset, data=args.data)
+        for _, model, c, settings in runs:
+            preflight(dataset, model, c, settings)
+        t0 = time.perf_counter()
+        results = []
+        for v, model, c, settings in runs:
             r = run(dataset, model, c, settings)
             r["variant"] = v
             results.append(r)
@@ -82,9 +91,9 @@ def main(argv=None):
     print("\n" + text)
     base = Path(args.results) if args.results else Path(cfg.out_dir) / dataset.name / "ablation-results"
     base.parent.mkdir(parents=True, exist_ok=True)
-    base.with_suffix(".md").write_text(text)
-    base.with_suffix(".json").write_text(json.dumps([{k: v for k, v in r.items() if k != "history"}
-                                                     for r in results], indent=1))
+    atomic_write_text(base.with_suffix(".md"), text)
+    atomic_write_text(base.with_suffix(".json"), json.dumps([{k: v for k, v in r.items() if k != "history"}
+                                                             for r in results], indent=1))
     return results
 
 

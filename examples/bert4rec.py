@@ -20,8 +20,8 @@ DEFAULTS = {"hidden_dropout": 0.2, "attn_dropout": 0.2}
 
 
 def main(argv=None):
-    args = parser(__doc__.splitlines()[0], MODELS, DEFAULTS).parse_args(argv)
-    return compare(args, "bert4rec")
+    p = parser(__doc__.splitlines()[0], MODELS, DEFAULTS)
+    return compare(p, p.parse_args(argv), "bert4rec")
 
 
 if __name__ == "__main__":

@@ -12,14 +12,15 @@ as in training). Prints a Markdown table: one row per model, mean over seeds per
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from cli import Parser, seed_list, threads, user_errors
 from data import load_dataset
+from dif_attention import DIFError
 from dif_attention.models import load_model
 from train import batch_metrics
 
@@ -40,19 +41,26 @@ def load_run(folder: Path) -> torch.nn.Module:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("folder", help="runs/<dataset>")
     p.add_argument("--dataset", default=None, help="dataset name (default: the folder's name)")
     p.add_argument("--models", required=True, help="comma-separated run folders, e.g. SASRec,DIFSASRec-prior")
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--seeds", type=seed_list, default="0,1,2")
+    p.add_argument("--threads", type=threads, default=0)
     p.add_argument("--png", default=None, help="also plot NDCG@10 per bucket to this PNG (needs matplotlib)")
     args = p.parse_args(argv)
+    models, seeds = [m for m in args.models.split(",") if m], args.seeds
+    if not models:
+        p.error(f"--models: expected comma-separated run folders, got {args.models!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     folder = Path(args.folder)
-    ds = load_dataset(args.dataset or folder.name)
-    models, seeds = args.models.split(","), [int(s) for s in args.seeds.split(",")]
+    with user_errors(p, DIFError):
+        return report(p, args, folder, load_dataset(args.dataset or folder.name), models, seeds)
+
+
+def report(p, args, folder: Path, ds, models: list[str], seeds: list[int]) -> str:
+    """The breakdown table of the runs ``folder/<model>/seed<k>`` (and the PNG of ``args.png``)."""
     counts = None
     rows = {}
     for name in models:

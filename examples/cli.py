@@ -1,25 +1,31 @@
 """Command-line plumbing shared by the entry points: flags from :class:`TrainConfig` and from the models'
-own keywords, multi-seed runs, the comparison table (Markdown + JSON)."""
+own keywords, checked before any work, multi-seed runs, the comparison table (Markdown + JSON).
+
+A bad flag ends the program before any data is read, with one line naming the flag, the value and what is
+allowed (exit status 2); a data file or checkpoint that cannot be used ends it with one line naming the file
+(exit status 1). Neither prints a traceback.
+"""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
-import inspect
 import json
 import platform
 import statistics
 import sys
 import time
-import typing
 from pathlib import Path
 
 import torch
 
-from data import load_dataset
+from data import DataError, load_dataset
 from dif_attention.models import MODELS
-from train import KS, TrainConfig, dist_info, run
+from train import (CHOICES, DATA_KEYWORDS, KS, MODEL_FLAGS, RunError, SettingError, TrainConfig, atomic_write_text,
+                   check_settings, dist_info, model_defaults, preflight, run)
 
-__all__ = ["parser", "config_from_args", "compare", "table", "paper_config", "model_defaults", "MODEL_FLAGS"]
+__all__ = ["Parser", "parser", "config_from_args", "settings_from_args", "user_errors", "compare", "table",
+           "paper_config", "model_defaults", "flag", "MODEL_FLAGS", "DATA_KEYWORDS"]
 
 METRICS = [f"{m}@{k}" for m in ("Recall", "NDCG") for k in KS]
 
@@ -35,8 +41,8 @@ PAPER_PER_DATASET = {
     "beauty": {"layers": 4, "heads": 8, "lamb": 10.0},
     "sports": {"layers": 3, "heads": 8, "lamb": 5.0},
 }
-#: model keywords that are data, not settings (they come from the dataset)
-DATA_KEYWORDS = ("num_items", "item_tables", "num_classes")
+TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+ALIASES = {"hidden_dropout": ["--dropout"]}
 
 
 def paper_config(dataset: str) -> dict:
@@ -44,48 +50,72 @@ def paper_config(dataset: str) -> dict:
     return {**PAPER, **PAPER_PER_DATASET.get(str(dataset).lower(), PAPER_PER_DATASET["beauty"])}
 
 
-def model_defaults() -> dict[str, tuple[object, type]]:
-    """Every model setting of the six models: name -> (default, type), read from their constructors."""
-    out: dict[str, tuple[object, type]] = {}
-    for cls in MODELS.values():
-        for klass in cls.__mro__:
-            init = vars(klass).get("__init__")
-            if init is None or klass is torch.nn.Module:
-                continue
-            hints = typing.get_type_hints(init)
-            for p in inspect.signature(init).parameters.values():
-                if p.kind != p.KEYWORD_ONLY or p.name.startswith("_") or p.name in DATA_KEYWORDS or p.name in out:
-                    continue
-                kind = next((t for t in typing.get_args(hints.get(p.name)) if t is not type(None)),
-                            hints.get(p.name))
-                out[p.name] = (p.default, kind)
-    return out
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line on stderr (``prog: error: message``), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-MODEL_FLAGS = model_defaults()
+def flag(name: str) -> str:
+    """The command-line flag(s) of a setting: ``batch_size`` -> ``--batch-size``."""
+    return "/".join(["--" + name.replace("_", "-")] + ALIASES.get(name, []))
 
 
-def _bool(text: str) -> bool:
-    return text.lower() in ("1", "true", "yes", "on")
+def boolean(text: str) -> bool:
+    """``true``/``false`` (also 1/0, yes/no, on/off)."""
+    value = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
+             "off": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value
 
 
-def parser(description: str, models: list[str], defaults: dict | None = None) -> argparse.ArgumentParser:
+def seed_list(text: str) -> list[int]:
+    """``0,1,2`` -> ``[0, 1, 2]``: distinct ints >= 0."""
+    parts = [t.strip() for t in text.split(",") if t.strip()]
+    if not parts or not all(t.isdigit() for t in parts) or len(set(map(int, parts))) != len(parts):
+        raise argparse.ArgumentTypeError(f"expected distinct comma-separated ints >= 0 (e.g. 0,1,2), got {text!r}")
+    return [int(t) for t in parts]
+
+
+def name_list(allowed) -> "callable":
+    """A flag type: comma-separated names, each among ``allowed``."""
+    def parse(text: str) -> list[str]:
+        names = [t.strip() for t in text.split(",") if t.strip()]
+        unknown = [n for n in names if n not in allowed]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(map(repr, unknown))}; expected comma-separated "
+                                             f"names among {', '.join(allowed)}")
+        return names
+    return parse
+
+
+def threads(text: str) -> int:
+    """An int >= 0 (0 = torch's default)."""
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected an int >= 0 (0 = torch's default), got {text!r}")
+    return int(text)
+
+
+def parser(description: str, models: list[str], defaults: dict | None = None) -> Parser:
     """Flags: the run's own, one per :class:`TrainConfig` field, one per model setting. ``defaults``
     overrides the default of any of them by name (an entry point's own choices)."""
     defaults = dict(defaults or {})
-    p = argparse.ArgumentParser(description=description)
+    p = Parser(description=description)
     p.add_argument("--dataset", default="ml-100k", help="ml-100k (the default), beauty, sports, or a path (atomic / "
                    "S3-Rec files)")
     p.add_argument("--data", default=None, help="folder holding the dataset files (overrides the default location)")
-    p.add_argument("--models", default=",".join(models), help=f"comma-separated models to compare (default "
-                   f"{','.join(models) or 'none'}; any of {', '.join(MODELS)})")
-    p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2 (default 0)")
+    p.add_argument("--models", type=name_list(list(MODELS)), default=",".join(models),
+                   help=f"comma-separated models to compare (default {','.join(models) or 'none'}; any of "
+                        f"{', '.join(MODELS)})")
+    p.add_argument("--seeds", type=seed_list, default="0", help="comma-separated seeds, e.g. 0,1,2 (default 0)")
     p.add_argument("--paper", action="store_true", help="the official DIF-SR config of the dataset (" +
                    ", ".join(f"{k}={v}" for k, v in PAPER.items()) + "; beauty: " +
                    ", ".join(f"{k}={v}" for k, v in PAPER_PER_DATASET["beauty"].items()) + "; sports: " +
                    ", ".join(f"{k}={v}" for k, v in PAPER_PER_DATASET["sports"].items()) +
                    "; other datasets: Beauty's); explicit flags still win")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--threads", type=threads, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--results", default=None, help="write the table to RESULTS.md and RESULTS.json "
                    "(default runs/<dataset>/<script>-results)")
     train = p.add_argument_group("training (TrainConfig)")
@@ -102,15 +132,13 @@ def parser(description: str, models: list[str], defaults: dict | None = None) ->
 
 
 def _add(group, name: str, default, kind) -> None:
-    flags = ["--" + name.replace("_", "-")] + (["--dropout"] if name == "hidden_dropout" else [])
+    flags = ["--" + name.replace("_", "-")] + ALIASES.get(name, [])
     if kind is bool:
-        group.add_argument(*flags, dest=name, type=_bool, default=None, metavar="BOOL", help=f"(default {default})")
+        group.add_argument(*flags, dest=name, type=boolean, default=None, metavar="BOOL", help=f"(default {default})")
     else:
         shown = "4 x dim" if name == "ff_dim" and default is None else default
-        group.add_argument(*flags, dest=name, type=kind, default=None, help=f"(default {shown})")
-
-
-TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+        group.add_argument(*flags, dest=name, type=kind, default=None, choices=CHOICES.get(name),
+                           help=f"(default {shown})")
 
 
 def config_from_args(args) -> tuple[TrainConfig, dict]:
@@ -125,6 +153,34 @@ def config_from_args(args) -> tuple[TrainConfig, dict]:
     cfg = dataclasses.replace(cfg, **{k: v for k, v in given.items() if k in TRAIN_FIELDS})
     model.update({k: v for k, v in given.items() if k in MODEL_FLAGS})
     return cfg, model
+
+
+def setting_message(err: SettingError) -> str:
+    """A :class:`SettingError` in terms of the flags: ``--batch-size: expected an int >= 1, got 0``."""
+    return f"{flag(err.name)}: expected {err.expected}, got {err.got}"
+
+
+def settings_from_args(p: argparse.ArgumentParser, args, models=None) -> tuple[TrainConfig, dict]:
+    """``config_from_args``, checked (:func:`train.check_settings` with the models ``models``, default
+    ``args.models``): a bad value ends the program with one line naming its flag."""
+    cfg, model = config_from_args(args)
+    try:
+        check_settings(cfg, model, args.models if models is None else models)
+    except SettingError as err:
+        p.error(setting_message(err))
+    return cfg, model
+
+
+@contextlib.contextmanager
+def user_errors(p: argparse.ArgumentParser, *more: type[Exception]):
+    """Turn the errors a user can fix (a data file, a checkpoint, a setting; and the types ``more``) into one
+    line on stderr and exit status 1."""
+    try:
+        yield
+    except SettingError as err:
+        p.exit(1, f"{p.prog}: error: {setting_message(err)}\n")
+    except (DataError, RunError, *more) as err:
+        p.exit(1, f"{p.prog}: error: {err}\n")
 
 
 def table(results: list[dict], models: list[str], key: str = "model") -> str:
@@ -150,24 +206,30 @@ def machine() -> str:
     return f"{platform.machine()} {platform.system()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
-def compare(args, script: str) -> list[dict]:
-    """Run every (model, seed), print and write the comparison table."""
+def compare(p: argparse.ArgumentParser, args, script: str) -> list[dict]:
+    """Check every flag, load the data, check every run (attributes, checkpoints), then run every (model,
+    seed), print and write the comparison table."""
+    cfg, model = settings_from_args(p, args)
+    models, seeds = args.models, args.seeds
+    if not models:
+        p.error(f"--models: expected at least one of {', '.join(MODELS)}, got none")
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg, model = config_from_args(args)
-    rank, world = dist_info()
-    models = [m for m in args.models.split(",") if m]
-    seeds = [int(s) for s in args.seeds.split(",") if s != ""]
-    dataset = load_dataset(args.dataset, data=args.data)
-    if rank == 0:
-        print(dataset.stats() + (f"; {dataset.notes}" if dataset.notes else ""), flush=True)
-        print("training: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()), flush=True)
-        print("model: " + ", ".join(f"{k}={v}" for k, v in model.items()), flush=True)
-    t0 = time.perf_counter()
-    results = []
-    for seed in seeds:
-        for name in models:
-            results.append(run(dataset, name, dataclasses.replace(cfg, seed=seed), model))
+    with user_errors(p):
+        rank, world = dist_info()
+        dataset = load_dataset(args.dataset, data=args.data)
+        for seed in seeds:
+            for name in models:
+                preflight(dataset, name, dataclasses.replace(cfg, seed=seed), model)
+        if rank == 0:
+            print(dataset.stats() + (f"; {dataset.notes}" if dataset.notes else ""), flush=True)
+            print("training: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()), flush=True)
+            print("model: " + ", ".join(f"{k}={v}" for k, v in model.items()), flush=True)
+        t0 = time.perf_counter()
+        results = []
+        for seed in seeds:
+            for name in models:
+                results.append(run(dataset, name, dataclasses.replace(cfg, seed=seed), model))
     wall = time.perf_counter() - t0
     if rank != 0:
         return results
@@ -179,9 +241,10 @@ def compare(args, script: str) -> list[dict]:
     print("\n" + header + md + footer, flush=True)
     base = Path(args.results) if args.results else Path(cfg.out_dir) / dataset.name / f"{script}-results"
     base.parent.mkdir(parents=True, exist_ok=True)
-    base.with_suffix(".md").write_text(header + md + footer)
+    atomic_write_text(base.with_suffix(".md"), header + md + footer)
     slim = [{k: v for k, v in r.items() if k != "history"} for r in results]
-    base.with_suffix(".json").write_text(json.dumps({"command": command, "wall_seconds": wall, "machine": machine(),
-                                                     "dataset": dataset.stats(), "results": slim}, indent=1))
+    atomic_write_text(base.with_suffix(".json"), json.dumps({"command": command, "wall_seconds": wall,
+                                                             "machine": machine(), "dataset": dataset.stats(),
+                                                             "results": slim}, indent=1))
     print(f"wrote {base.with_suffix('.md')} and {base.with_suffix('.json')}", flush=True)
     return results

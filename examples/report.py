@@ -8,18 +8,24 @@ Usage::
 
 Useful when seeds ran as separate processes (one per core); rows are mean ± std over the seeds found.
 """
-import argparse
 import json
-import sys
 from pathlib import Path
 
-from cli import table
+from cli import Parser, seed_list, table, user_errors
+from data import DataError
 
 
 def collect(folder: Path, models: list[str] | None, seeds: list[int] | None) -> tuple[list[dict], list[str]]:
+    """The ``result.json`` of every run under ``folder`` (of the ``models`` and ``seeds`` given) and the model
+    names in table order. An unreadable file raises ``DataError`` naming it."""
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such folder")
     results = []
     for f in sorted(folder.glob("*/seed*/result.json")):
-        r = json.loads(f.read_text())
+        try:
+            r = json.loads(f.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise DataError(f"{f}: not a readable result file ({err})") from None
         r["model"] = f.parent.parent.name  # includes a variant tag, e.g. DIFSASRec-wo_aap
         if (models is None or r["model"] in models) and (seeds is None or r["seed"] in seeds):
             results.append(r)
@@ -54,15 +60,17 @@ def plot_curves(results: list[dict], names: list[str], path: str, metric: str = 
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("folder")
-    p.add_argument("--models", default=None)
-    p.add_argument("--seeds", default=None)
+    p.add_argument("--models", default=None, help="comma-separated run folders (default: all)")
+    p.add_argument("--seeds", type=seed_list, default=None, help="comma-separated seeds (default: all)")
     p.add_argument("--curves", default=None, help="also plot the validation NDCG@10 curves to this PNG")
     args = p.parse_args(argv)
-    models = args.models.split(",") if args.models else None
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
-    results, names = collect(Path(args.folder), models, seeds)
+    models = [m for m in args.models.split(",") if m] if args.models else None
+    with user_errors(p):
+        results, names = collect(Path(args.folder), models, args.seeds)
+    if not results:
+        p.exit(1, f"{p.prog}: error: {args.folder}: no finished run (no <model>/seed<k>/result.json)\n")
     md = table(results, names)
     total = sum(r["train_seconds"] for r in results)
     print(md + f"\n\n{len(results)} runs, {total:.0f} s of training in total.")

@@ -21,8 +21,8 @@ MODELS = ["SASRec", "SASRecF", "NOVA", "DIFSASRec"]
 
 
 def main(argv=None):
-    args = parser(__doc__.splitlines()[0], MODELS).parse_args(argv)
-    return compare(args, "sasrec")
+    p = parser(__doc__.splitlines()[0], MODELS)
+    return compare(p, p.parse_args(argv), "sasrec")
 
 
 if __name__ == "__main__":

@@ -27,14 +27,26 @@ Recall@K / NDCG@K; the test metrics are those of the best-validation-NDCG@10 che
 Multi-process: run the same script under ``torchrun --nproc_per_node=N``; each global batch is split across
 the processes (DistributedDataParallel, gloo on CPU / nccl on GPU), so the optimisation matches one process
 on the same global batch.
+
+Settings are checked before any work (:func:`check_settings`: ``SettingError``, a ``ValueError``, naming the
+setting). Checkpoints: ``<run dir>/last.pt`` after every epoch and every ``checkpoint_every`` optimiser steps,
+``best.pt`` and ``result.json`` at the end, each written to a temporary file and renamed. ``resume=True``
+continues from ``last.pt`` exactly -- weights, optimiser, the position in the epoch and every random stream
+(torch's CPU generator and CUDA's, NumPy's, Python's, the batch generator; each process's under DDP) -- so a run
+killed at any step and resumed ends bit-identical to an uninterrupted one. A resume whose settings differ from
+the checkpoint's (other than :data:`SILENT_SETTINGS`) is refused unless ``resume_override=True``, which records
+the change and its step in ``result.json`` (``overrides``).
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
+import random
 import time
-from dataclasses import asdict, dataclass
+import typing
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -48,9 +60,15 @@ except ImportError:  # pragma: no cover
     tqdm = None
 
 from dif_attention import aap_loss, multi_hot
-from dif_attention.models import build_model, full_softmax_cross_entropy, save_model
+from dif_attention.embedding import POOLINGS
+from dif_attention.functional import BACKENDS
+from dif_attention.models import ATTRIBUTE_MODELS, MODELS, build_model, full_softmax_cross_entropy, save_model
+from dif_attention.models.base import hyper_parameters
+from dif_attention.models.sasrec import FUSIONS
 
-__all__ = ["TrainConfig", "run", "evaluate", "batch_metrics", "rank_metrics", "append_item", "make_model", "KS"]
+__all__ = ["TrainConfig", "run", "evaluate", "batch_metrics", "rank_metrics", "append_item", "make_model",
+           "prepare_model", "check_settings", "preflight", "load_checkpoint", "model_defaults", "RunError",
+           "SettingError", "CheckpointError", "SILENT_SETTINGS", "KS"]
 
 KS = (10, 20)
 
@@ -79,10 +97,138 @@ class TrainConfig:
     max_train_seconds: float = 0.0
     out_dir: str = "runs"
     tag: str = ""  # suffix of the run folder (keeps ablation variants apart)
-    resume: bool = False
+    resume: bool = False  # continue from <run dir>/last.pt (exactly: weights, optimiser, every RNG, the batch)
+    resume_override: bool = False  # resume even if settings differ from the checkpoint's (recorded in result.json)
     save: bool = True
+    checkpoint_every: int = 100  # also write last.pt every K optimiser steps inside an epoch (0 = at epoch ends)
     progress: bool = True
     log: bool = True
+
+
+class RunError(ValueError):
+    """A run cannot start: a bad setting, an unreadable checkpoint, a resume whose settings differ. The message
+    is one line naming the setting or the file."""
+
+
+class SettingError(RunError):
+    """A setting out of range: ``name: expected X, got Y`` (``name`` a ``TrainConfig`` field or model setting)."""
+
+    def __init__(self, name: str, expected: str, got: str):
+        self.name, self.expected, self.got = name, expected, got
+        super().__init__(f"{name}: expected {expected}, got {got}")
+
+
+class CheckpointError(RunError):
+    """A checkpoint file that cannot be read (truncated, foreign) or resumed; the message names the file."""
+
+
+#: settings that do not change a run's math: a resumed run may change them freely (``epochs`` and ``patience``
+#: extend or shorten the run, ``max_train_seconds`` its budget; the rest are where and how it reports)
+SILENT_SETTINGS = ("out_dir", "progress", "log", "resume", "resume_override", "save", "checkpoint_every",
+                   "max_train_seconds", "epochs", "patience")
+
+
+def model_defaults() -> dict[str, tuple[object, type]]:
+    """Every model setting of the models in ``dif_attention.models``: name -> (default, type), read from their
+    constructors (the data keywords ``num_items``, ``item_tables``, ``num_classes`` excluded)."""
+    out: dict[str, tuple[object, type]] = {}
+    for cls in MODELS.values():
+        for klass in cls.__mro__:
+            init = vars(klass).get("__init__")
+            if init is None or klass is torch.nn.Module:
+                continue
+            hints = typing.get_type_hints(init)
+            for p in inspect.signature(init).parameters.values():
+                if p.kind != p.KEYWORD_ONLY or p.name.startswith("_") or p.name in DATA_KEYWORDS or p.name in out:
+                    continue
+                kind = next((t for t in typing.get_args(hints.get(p.name)) if t is not type(None)),
+                            hints.get(p.name))
+                out[p.name] = (p.default, kind)
+    return out
+
+
+#: model keywords that are data, not settings (they come from the dataset)
+DATA_KEYWORDS = ("num_items", "item_tables", "num_classes")
+#: every model setting: name -> (default, type)
+MODEL_FLAGS = model_defaults()
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _at_least(minimum: int):
+    return lambda v: _is_int(v) and v >= minimum, f"an int >= {minimum}"
+
+
+def _one_of(options):
+    return lambda v: isinstance(v, str) and v in options, "one of " + ", ".join(map(repr, options))
+
+
+_POSITIVE = (lambda v: _is_real(v) and v > 0, "a finite number > 0")
+_NON_NEGATIVE = (lambda v: _is_real(v) and v >= 0, "a finite number >= 0")
+_FRACTION = (lambda v: _is_real(v) and 0 <= v <= 1, "a number in [0, 1]")
+_DROPOUT = (lambda v: _is_real(v) and 0 <= v < 1, "a probability in [0, 1)")
+_BOOL = (lambda v: isinstance(v, bool), "true or false")
+_TEXT = (lambda v: isinstance(v, str), "a string")
+
+#: the allowed values of the settings that take a name (the CLI's ``choices``)
+CHOICES = {"aap_init": ("prior", "zero"), "optimizer": ("adam", "sgd"), "train_mode": ("all", "prefix"),
+           "precision": ("fp32", "bf16"), "backend": BACKENDS, "pooling": POOLINGS, "fusion": FUSIONS}
+#: what each TrainConfig field accepts: (test, what is allowed)
+TRAIN_RULES = {
+    "lamb": _NON_NEGATIVE, "aap_init": _one_of(CHOICES["aap_init"]), "lr": _POSITIVE, "warmup": _at_least(0),
+    "optimizer": _one_of(CHOICES["optimizer"]), "weight_decay": _NON_NEGATIVE, "batch_size": _at_least(1),
+    "eval_batch_size": _at_least(1), "epochs": _at_least(1), "eval_every": _at_least(1), "patience": _at_least(0),
+    "train_mode": _one_of(CHOICES["train_mode"]), "bucket": _BOOL, "mask_ratio": _FRACTION, "ft_ratio": _FRACTION,
+    "seed": _at_least(0), "precision": _one_of(CHOICES["precision"]), "max_train_seconds": _NON_NEGATIVE,
+    "out_dir": (lambda v: isinstance(v, str) and v != "", "a folder name"), "tag": _TEXT, "resume": _BOOL,
+    "resume_override": _BOOL, "save": _BOOL, "checkpoint_every": _at_least(0), "progress": _BOOL, "log": _BOOL,
+}
+#: what each model setting accepts
+MODEL_RULES = {
+    "dim": _at_least(1), "layers": _at_least(1), "heads": _at_least(1), "max_len": _at_least(1),
+    "hidden_dropout": _DROPOUT, "attn_dropout": _DROPOUT,
+    "ff_dim": (lambda v: v is None or (_is_int(v) and v >= 1), "an int >= 1 (or none: 4 x dim)"),
+    "backend": _one_of(CHOICES["backend"]), "pooling": _one_of(CHOICES["pooling"]), "trainable_attributes": _BOOL,
+    "attr_init_std": _NON_NEGATIVE, "aap": _BOOL, "attr_dim": _at_least(1), "fusion": _one_of(CHOICES["fusion"]),
+    "exact_fusion": _BOOL,
+}
+
+
+def _check(name: str, value, rule) -> None:
+    test, expected = rule
+    if not test(value):
+        raise SettingError(name, expected, repr(value))
+
+
+def check_settings(cfg: "TrainConfig", model: dict | None = None, models=()) -> None:
+    """Every training setting (``cfg``), every model setting (``model``) and the model names ``models``, before
+    any work: :class:`SettingError` (a ``ValueError``) ``name: expected X, got Y`` for the first bad one.
+    Model settings unknown to every model are refused (a typo would silently be dropped)."""
+    if not isinstance(cfg, TrainConfig):
+        raise SettingError("cfg", "a TrainConfig", type(cfg).__name__)
+    for f in fields(TrainConfig):
+        _check(f.name, getattr(cfg, f.name), TRAIN_RULES[f.name])
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        raise SettingError("models", "names among " + ", ".join(MODELS), ", ".join(map(repr, unknown)))
+    settings = dict(model or {})
+    unknown = sorted(set(settings) - set(MODEL_RULES))
+    if unknown:
+        raise SettingError("model", "settings among " + ", ".join(MODEL_RULES), f"unknown {unknown}")
+    for name, value in settings.items():
+        _check(name, value, MODEL_RULES[name])
+    full = {**{k: d for k, (d, _) in MODEL_FLAGS.items()}, **settings}
+    if full["dim"] % full["heads"]:
+        raise SettingError("dim", f"a multiple of heads={full['heads']}", repr(full["dim"]))
+    uses_attr_dim = not models or any("attr_dim" in hyper_parameters(MODELS[m]) for m in models)
+    if uses_attr_dim and full["attr_dim"] % full["heads"]:
+        raise SettingError("attr_dim", f"a multiple of heads={full['heads']}", repr(full["attr_dim"]))
 
 
 def make_model(dataset, model_name: str, model: dict | None = None):
@@ -281,7 +427,7 @@ def trim_width(ids: np.ndarray, model) -> int:
     return max(int((ids != 0).sum(-1).max()), 1)
 
 
-# ---------------------------------------------------------------------------------------------- the loop
+# ---------------------------------------------------------------------------------------------- checkpoints
 def run_dir(cfg: TrainConfig, dataset_name: str, model_name: str) -> Path:
     name = f"{model_name}-{cfg.tag}" if cfg.tag else model_name
     return Path(cfg.out_dir) / dataset_name / name / f"seed{cfg.seed}"
@@ -293,10 +439,107 @@ def model_settings(model) -> dict:
 
 
 def atomic_save(obj, path: Path) -> None:
-    """``torch.save`` to a temporary file, then rename: a kill during the write leaves the old file."""
+    """``torch.save`` to a temporary file, flushed to disk, then renamed: a kill during the write leaves the
+    previous file intact."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file, then rename it to ``path`` (never a half-written file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+CHECKPOINT_FORMAT = "dif-attention-train"
+CHECKPOINT_KEYS = ("model", "optimizer", "state", "config", "model_config")
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A ``last.pt`` written by :func:`run` (``torch.load(weights_only=True)``: it cannot run code). A truncated,
+    foreign or corrupted file raises :class:`CheckpointError` naming it."""
+    try:
+        ck = torch.load(path, weights_only=True)
+    except Exception as err:  # a truncated zip, a pickle with code, not a torch file at all
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {first}); delete it to "
+                              "start the run afresh") from None
+    if not isinstance(ck, dict) or not all(k in ck for k in CHECKPOINT_KEYS):
+        found = sorted(ck) if isinstance(ck, dict) else type(ck).__name__
+        raise CheckpointError(f"{path}: not a training checkpoint (expected one written by train.run with "
+                              f"{', '.join(CHECKPOINT_KEYS)}; found {found})")
+    return ck
+
+
+def rng_state() -> dict:
+    """Every random stream of this process: torch's CPU generator (dropout), CUDA's (when initialised), NumPy's
+    and Python's global generators."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return {"torch": torch.get_rng_state(), "cuda": cuda, "python": random.getstate(),
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                      "gauss": float(gauss)}}
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore the streams saved by :func:`rng_state`."""
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+
+
+def changed_settings(ck: dict, cfg: TrainConfig, settings: dict, world: int) -> dict:
+    """Settings that change the math and differ from the checkpoint's: name -> (checkpoint's, now)."""
+    saved = {**{k: v for k, v in ck["config"].items() if k not in SILENT_SETTINGS}, **ck["model_config"],
+             "world_size": ck.get("world_size", 1)}
+    now = {**{k: v for k, v in asdict(cfg).items() if k not in SILENT_SETTINGS}, **settings, "world_size": world}
+    missing = "(unset)"
+    return {k: (saved.get(k, missing), now.get(k, missing)) for k in sorted(set(saved) | set(now))
+            if k not in saved or k not in now or saved[k] != now[k]}
+
+
+def _show(v) -> str:
+    return "(none)" if v is None else repr(v) if isinstance(v, str) and v != "(unset)" else str(v)
+
+
+def resume_point(out: Path, cfg: TrainConfig, settings: dict, world: int) -> tuple[dict, dict] | None:
+    """``(checkpoint, changed settings)`` to resume from, or None (no ``resume`` or no ``last.pt``). A run whose
+    settings differ from the checkpoint's raises :class:`CheckpointError` naming them, unless
+    ``cfg.resume_override`` (settings in :data:`SILENT_SETTINGS` may always differ)."""
+    path = out / "last.pt"
+    if not cfg.resume or not path.exists():
+        return None
+    ck = load_checkpoint(path)
+    changed = changed_settings(ck, cfg, settings, world)
+    if changed and not cfg.resume_override:
+        diff = ", ".join(f"{k} {_show(a)} -> {_show(b)}" for k, (a, b) in changed.items())
+        raise CheckpointError(f"{path}: the settings differ from the checkpoint's ({diff}); use the checkpoint's "
+                              "settings, or resume_override=True (--resume-override true) to continue with the new ones")
+    return ck, changed
+
+
+def preflight(dataset, model_name: str, cfg: TrainConfig, model_config: dict | None = None) -> None:
+    """What :func:`run` refuses, checked without training: bad settings, an attribute model on data without
+    attributes, an unreadable checkpoint or one whose settings differ (``cfg.resume``)."""
+    check_settings(cfg, model_config, [model_name])
+    if model_name in ATTRIBUTE_MODELS:
+        dataset.require_attributes(model_name)
+    settings = model_settings(make_model(dataset, model_name, model_config))
+    resume_point(run_dir(cfg, dataset.name, model_name), cfg, settings, dist_info()[1])
 
 
 def log(cfg, rank, *msg):
@@ -304,58 +547,120 @@ def log(cfg, rank, *msg):
         print(*msg, flush=True)
 
 
-def run(dataset, model_name: str, cfg: TrainConfig, model_config: dict | None = None) -> dict:
-    """Train ``model_name`` (built with the settings ``model_config``) on ``dataset`` with early stopping,
-    restore the best checkpoint, test it. Returns (and writes to ``<run dir>/result.json``) the configs,
-    metrics and timings; ``best.pt`` is written with ``dif_attention.models.save_model``."""
-    rank, world = dist_info()
+# ---------------------------------------------------------------------------------------------- the loop
+def prepare_model(dataset, model_name: str, cfg: TrainConfig, model_config: dict | None = None):
+    """The model (seeded with ``cfg.seed``, AAP heads at the label prior for ``aap_init="prior"``) and its
+    training arrays: ``(model, inputs, targets)`` (see :func:`training_arrays`)."""
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
     core = make_model(dataset, model_name, model_config)
-    model = core
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(core, find_unused_parameters=core.has_aap and not cfg.lamb)
-    if cfg.optimizer not in ("adam", "sgd"):
-        raise ValueError(f"optimizer: expected 'adam' or 'sgd', got {cfg.optimizer!r}")
-    params = [p for p in core.parameters() if p.requires_grad]
-    opt = (torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if cfg.optimizer == "adam" else
-           torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
     inputs, targets = training_arrays(dataset, core, cfg)
-    if cfg.precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision: expected 'fp32' or 'bf16', got {cfg.precision!r}")
-    device = next(core.parameters()).device
-    if cfg.aap_init not in ("prior", "zero"):
-        raise ValueError(f"aap_init: expected 'prior' or 'zero', got {cfg.aap_init!r}")
     if core.has_aap and cfg.aap_init == "prior":
         core.predictor.init_prior_(attribute_rates(inputs if targets is None else targets, dataset.tables,
                                                    dataset.num_classes))
+    return core, inputs, targets
+
+
+def run(dataset, model_name: str, cfg: TrainConfig, model_config: dict | None = None) -> dict:
+    """Train ``model_name`` (built with the settings ``model_config``) on ``dataset`` with early stopping,
+    restore the best checkpoint, test it. Returns (and writes to ``<run dir>/result.json``) the configs,
+    metrics and timings; ``best.pt`` is written with ``dif_attention.models.save_model``.
+
+    Bad settings raise :class:`SettingError`, an attribute model on data without attributes a ``DataError``,
+    before any work. ``last.pt`` is written at every epoch end and every ``cfg.checkpoint_every`` steps; with
+    ``cfg.resume`` the run continues from it exactly (weights, optimiser, every random stream, the position in
+    the epoch): a run killed at any step and resumed ends bit-identical to an uninterrupted one.
+    """
+    check_settings(cfg, model_config, [model_name])
+    if model_name in ATTRIBUTE_MODELS:
+        dataset.require_attributes(model_name)
+    rank, world = dist_info()
+    core, inputs, targets = prepare_model(dataset, model_name, cfg, model_config)
+    model = core
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(core, find_unused_parameters=core.has_aap and not cfg.lamb)
+    params = [p for p in core.parameters() if p.requires_grad]
+    opt = (torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if cfg.optimizer == "adam" else
+           torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
+    device = next(core.parameters()).device
     valid = dataset.split("valid", core.max_len)
     test = dataset.split("test", core.max_len)
     out = run_dir(cfg, dataset.name, model_name)
-    state = {"epoch": 0, "step": 0, "best": -1.0, "best_epoch": 0, "bad": 0, "history": [], "train_seconds": 0.0,
-             "time_to_best": 0.0}
+    settings = model_settings(core)
+    # position: `epoch` epochs done, then `batch` batches of the next one (loss sum and time so far alongside)
+    state = {"epoch": 0, "batch": 0, "step": 0, "best": -1.0, "best_epoch": 0, "bad": 0, "history": [],
+             "train_seconds": 0.0, "time_to_best": 0.0, "epoch_loss": 0.0, "epoch_seconds": 0.0, "overrides": []}
     best_state = None
-    if cfg.resume and (out / "last.pt").exists():
-        ck = torch.load(out / "last.pt", weights_only=True)
-        core.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        state = ck["state"]
+    gen = torch.Generator().manual_seed(cfg.seed * 1000)  # batch order and BERT masking, one stream for the run
+    gen_epoch = None  # the batch generator's state when the current epoch drew its batches
+    resumed = resume_point(out, cfg, settings, world)
+    if resumed is not None:
+        ck, changed = resumed
+        try:
+            core.load_state_dict(ck["model"])
+        except RuntimeError as err:
+            raise CheckpointError(f"{out / 'last.pt'}: the checkpoint's weights do not fit this model "
+                                  f"({str(err).splitlines()[0]})") from None
+        if ck["config"].get("optimizer") == cfg.optimizer:
+            opt.load_state_dict(ck["optimizer"])
+        for group in opt.param_groups:  # the settings in force (they differ only with resume_override)
+            group["lr"] = cfg.lr * (min(1.0, ck["state"].get("step", 0) / cfg.warmup) if cfg.warmup else 1.0)
+            group["weight_decay"] = cfg.weight_decay
+        state = {**state, **ck["state"]}
         best_state = ck.get("best_model")
-        log(cfg, rank, f"resumed {out} at epoch {state['epoch']}")
+        if changed:
+            state["overrides"] = state["overrides"] + [
+                {"step": state["step"], "epoch": state["epoch"], "batch": state["batch"],
+                 "changed": {k: {"checkpoint": a, "used": b} for k, (a, b) in changed.items()}}]
+        if "rng" in ck:
+            gen.set_state(ck["gen"])
+            gen_epoch = ck.get("gen_epoch")
+        else:  # a checkpoint of an older version (epoch ends only, no random streams): continue, not exactly
+            gen.manual_seed(cfg.seed * 1000 + state["epoch"])
+        log(cfg, rank, f"resumed {out} at epoch {state['epoch']}, batch {state['batch']} (step {state['step']})" +
+            ("" if "rng" in ck else "; the checkpoint holds no random streams: not bit-identical") +
+            (f"; settings changed: {', '.join(changed)}" if changed else ""))
     tables = dataset.tables
     n_params = sum(p.numel() for p in core.parameters() if p.requires_grad)
     log(cfg, rank, f"[{model_name} seed {cfg.seed}] {n_params} trainable parameters, {len(inputs)} training rows "
                    f"({cfg.train_mode}), world {world}")
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + state["epoch"])
+
+    def save_last():
+        """last.pt: weights, optimiser, position, every random stream (each process's, gathered)."""
+        if not cfg.save:
+            return
+        streams = [rng_state()]
+        if world > 1:
+            streams = [None] * world
+            dist.all_gather_object(streams, rng_state())
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_save({"format": CHECKPOINT_FORMAT, "version": 2, "model": core.state_dict(),
+                         "optimizer": opt.state_dict(), "state": state, "best_model": best_state,
+                         "config": asdict(cfg), "model_config": settings, "world_size": world, "rng": streams,
+                         "gen": gen.get_state(), "gen_epoch": gen_epoch}, out / "last.pt")
+
+    if resumed is not None and "rng" in resumed[0]:  # last: nothing may draw between this and the first step
+        streams = resumed[0]["rng"]
+        set_rng_state(streams[rank] if len(streams) == world else streams[rank % len(streams)])
     stop = state["bad"] > cfg.patience
     while state["epoch"] < cfg.epochs and not stop:
         epoch = state["epoch"] + 1
         model.train()
-        t0 = time.perf_counter()
-        total, steps = 0.0, 0
-        batches = epoch_batches(inputs, cfg, gen)
-        bar = tqdm(batches, desc=f"{model_name} ep{epoch}", leave=False,
-                   disable=not cfg.progress or rank != 0 or None) if tqdm else batches
+        t0 = time.perf_counter() - state["epoch_seconds"]
+        if state["batch"] and gen_epoch is not None:  # mid-epoch: draw the epoch's batches again, then go on
+            current = gen.get_state()
+            gen.set_state(gen_epoch)
+            batches = epoch_batches(inputs, cfg, gen)
+            gen.set_state(current)
+        else:
+            state["batch"], state["epoch_loss"] = 0, 0.0
+            gen_epoch = gen.get_state()
+            batches = epoch_batches(inputs, cfg, gen)
+        todo = batches[state["batch"]:]
+        bar = tqdm(todo, desc=f"{model_name} ep{epoch}", leave=False,
+                   disable=not cfg.progress or rank != 0 or None) if tqdm else todo
         for idx in bar:
             width = trim_width(inputs[idx], core)
             batch = (inputs[idx, :width],) if targets is None else (inputs[idx, :width],
@@ -365,16 +670,19 @@ def run(dataset, model_name: str, cfg: TrainConfig, model_config: dict | None = 
                 loss, report = batch_loss(model, core, batch, cfg, tables, gen, rank, world)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            state["step"] = state.get("step", 0) + 1
+            state["step"] += 1
             if cfg.warmup:
                 for group in opt.param_groups:
                     group["lr"] = cfg.lr * min(1.0, state["step"] / cfg.warmup)
             opt.step()
-            total += float(report)
-            steps += 1
+            state["epoch_loss"] += float(report)
+            state["batch"] += 1
+            if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0 and state["batch"] < len(batches):
+                state["epoch_seconds"] = time.perf_counter() - t0
+                save_last()
         seconds = time.perf_counter() - t0
         state["train_seconds"] += seconds
-        record = {"epoch": epoch, "loss": total / max(steps, 1), "epoch_seconds": seconds}
+        record = {"epoch": epoch, "loss": state["epoch_loss"] / max(len(batches), 1), "epoch_seconds": seconds}
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
             t1 = time.perf_counter()
             metrics = evaluate(core, *valid, batch_size=cfg.eval_batch_size, rank=rank, world=world,
@@ -386,16 +694,13 @@ def run(dataset, model_name: str, cfg: TrainConfig, model_config: dict | None = 
             else:
                 state["bad"] += 1
             stop = state["bad"] > cfg.patience
-        state["epoch"] = epoch
+        state.update(epoch=epoch, batch=0, epoch_loss=0.0, epoch_seconds=0.0)
+        gen_epoch = None
         state["history"].append(record)
         v = record.get("valid")
         log(cfg, rank, f"[{model_name} seed {cfg.seed}] epoch {epoch} loss {record['loss']:.4f} "
                        f"{seconds:.1f}s" + (f" valid R@10 {v['Recall@10']:.4f} N@10 {v['NDCG@10']:.4f}" if v else ""))
-        if cfg.save and rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            atomic_save({"model": core.state_dict(), "optimizer": opt.state_dict(), "state": state,
-                         "best_model": best_state, "config": asdict(cfg),
-                         "model_config": model_settings(core)}, out / "last.pt")
+        save_last()
         if cfg.max_train_seconds and state["train_seconds"] > cfg.max_train_seconds:
             log(cfg, rank, f"[{model_name} seed {cfg.seed}] time budget {cfg.max_train_seconds:.0f}s reached")
             break
@@ -405,7 +710,7 @@ def run(dataset, model_name: str, cfg: TrainConfig, model_config: dict | None = 
                             trim=not getattr(core, "length_bound", False))
     epochs_timed = [r["epoch_seconds"] for r in state["history"]]
     result = {"dataset": dataset.name, "model": model_name, "seed": cfg.seed, "config": asdict(cfg),
-              "model_config": model_settings(core),
+              "model_config": settings, "overrides": state["overrides"],
               "parameters": n_params, "world_size": world, "epochs": state["epoch"],
               "best_epoch": state["best_epoch"], "best_valid_ndcg10": state["best"], "test": test_metrics,
               "train_seconds": state["train_seconds"], "time_to_best_seconds": state["time_to_best"],
@@ -414,6 +719,6 @@ def run(dataset, model_name: str, cfg: TrainConfig, model_config: dict | None = 
     if cfg.save and rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         save_model(core, out / "best.pt")
-        (out / "result.json").write_text(json.dumps(result, indent=1))
+        atomic_write_text(out / "result.json", json.dumps(result, indent=1))
     log(cfg, rank, f"[{model_name} seed {cfg.seed}] test " + " ".join(f"{k} {v:.4f}" for k, v in test_metrics.items()))
     return result

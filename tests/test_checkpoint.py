@@ -1,11 +1,17 @@
 """Checkpoints: state round trips through ``torch.load(weights_only=True)``, and a training run that is
-interrupted at any step (or killed with SIGKILL) and resumed ends with the same weights, bit for bit.
+interrupted at any step (or killed with SIGKILL) and resumed ends with the same weights, bit for bit -- a
+hand-written loop over the library's layers, and ``examples/train.py``'s run (DIF-SASRec with dropout) killed
+at a random step and resumed with ``--resume true``. A resume with other settings is refused (or, with
+``--resume-override true``, recorded); a truncated or foreign ``last.pt`` gives one line naming it.
 
-Run as a script, this file is the training worker that the SIGKILL test starts and kills.
+Run as a script, this file is the training worker that the SIGKILL tests start and kill.
 """
 from __future__ import annotations
 
+import io
+import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -151,6 +157,176 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path, one_thread):
     assert_identical(resumed, weights(train(tmp_path / "straight.pt")))
 
 
-if __name__ == "__main__":  # worker for the SIGKILL test: python test_checkpoint.py CKPT KILL_AT
+# ---------------------------------------------------------------------------------------------- train.run
+ROOT = Path(__file__).resolve().parents[1]
+EPOCHS, STEPS_PER_EPOCH, EVERY = 3, 10, 3  # 40 training windows of the toy data, batches of 4
+
+
+def run_args(data: Path, out: Path, *extra: str) -> list[str]:
+    """A DIF-SASRec run with dropout on the toy data; last.pt every 3 steps (inside epochs too), one thread."""
+    return ["--dataset", str(data), "--models", "DIFSASRec", "--epochs", str(EPOCHS), "--batch-size", "4",
+            "--dim", "16", "--attr-dim", "8", "--max-len", "12", "--layers", "1", "--dropout", "0.3",
+            "--attn-dropout", "0.3", "--checkpoint-every", str(EVERY), "--threads", "1", "--progress", "false",
+            "--log", "false", "--out-dir", str(out), "--results", str(out / "table"), *extra]
+
+
+def run_files(out: Path) -> dict:
+    folder = out / "toy" / "DIFSASRec" / "seed0"
+    last = torch.load(folder / "last.pt", weights_only=True)
+    return {"last": last, "best": torch.load(folder / "best.pt", weights_only=True)["state_dict"],
+            "result": json.loads((folder / "result.json").read_text())}
+
+
+def assert_same_tensors(a, b, where=""):
+    """Nested dicts / lists of tensors and numbers, equal bit for bit."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            assert_same_tensors(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tensors(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def sasrec_main(argv):
+    import sasrec
+    threads = torch.get_num_threads()
+    try:
+        return sasrec.main(argv)
+    finally:
+        torch.set_num_threads(threads)  # --threads 1 sets the process-wide count
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    from example_helpers import write_s3rec
+    return write_s3rec(tmp_path_factory.mktemp("toy"))
+
+
+@pytest.fixture(scope="module")
+def straight(toy, tmp_path_factory):
+    """The uninterrupted run."""
+    out = tmp_path_factory.mktemp("straight")
+    sasrec_main(run_args(toy, out))
+    files = run_files(out)
+    assert files["last"]["state"]["step"] == EPOCHS * STEPS_PER_EPOCH
+    return files
+
+
+@pytest.mark.parametrize("kill_in", ["step", "save"])
+def test_run_killed_at_a_random_step_resumes_bit_identical(toy, straight, tmp_path, kill_in):
+    """SIGKILL during the k-th optimiser step (k random), or in the middle of writing the k-th last.pt, then
+    ``--resume true``: the final weights, optimiser state, best checkpoint and losses equal the uninterrupted
+    run's bit for bit (dropout on: the random streams and the position in the epoch are restored)."""
+    steps = EPOCHS * STEPS_PER_EPOCH
+    saves = EPOCHS + sum(1 for s in range(1, steps + 1) if s % EVERY == 0 and s % STEPS_PER_EPOCH)  # last.pt writes
+    k = random.randrange(1, (steps if kill_in == "step" else saves) + 1)
+    proc = subprocess.run([sys.executable, __file__, "run", kill_in, str(k), *run_args(toy, tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, f"kill in {kill_in} {k}: {proc.stderr[-3000:]}"
+    sasrec_main(run_args(toy, tmp_path, "--resume", "true"))
+    resumed = run_files(tmp_path)
+    for part in ("model", "optimizer", "best_model", "rng", "gen"):
+        assert_same_tensors(resumed["last"][part], straight["last"][part], f"kill in {kill_in} {k}: {part}")
+    assert_same_tensors(resumed["best"], straight["best"], f"kill in {kill_in} {k}: best.pt")
+    for key in ("test", "best_epoch", "epochs"):
+        assert resumed["result"][key] == straight["result"][key], (kill_in, k, key)
+    assert [h["loss"] for h in resumed["result"]["history"]] == [h["loss"] for h in straight["result"]["history"]]
+    assert resumed["result"]["overrides"] == []
+
+
+def one_line_error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        sasrec_main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code not in (0, None) and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_resume_with_other_settings_is_refused_or_recorded(toy, tmp_path, capsys):
+    base = run_args(toy, tmp_path)
+    base[base.index("--epochs") + 1] = "1"
+    sasrec_main(base)
+    more = [*base, "--epochs", "2", "--resume", "true"]  # more epochs: allowed, silently
+    err = one_line_error(capsys, [*more, "--lr", "0.01", "--attn-dropout", "0.1"])
+    assert "last.pt" in err and "lr 0.001 -> 0.01" in err and "attn_dropout 0.3 -> 0.1" in err
+    assert "--resume-override" in err
+    sasrec_main([*more, "--lr", "0.01", "--resume-override", "true"])
+    files = run_files(tmp_path)
+    assert files["result"]["config"]["lr"] == 0.01 and files["result"]["epochs"] == 2
+    assert files["result"]["overrides"] == [{"step": STEPS_PER_EPOCH, "epoch": 1, "batch": 0,
+                                             "changed": {"lr": {"checkpoint": 0.001, "used": 0.01}}}]
+    assert {g["lr"] for g in files["last"]["optimizer"]["param_groups"]} == {0.01}  # the new lr was used
+
+
+@pytest.mark.parametrize("damage", ["truncated", "foreign", "not torch"])
+def test_unreadable_checkpoint_gives_one_line_naming_it(toy, tmp_path, capsys, damage):
+    base = run_args(toy, tmp_path)
+    base[base.index("--epochs") + 1] = "1"
+    sasrec_main(base)
+    last = tmp_path / "toy" / "DIFSASRec" / "seed0" / "last.pt"
+    if damage == "truncated":
+        last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    elif damage == "foreign":
+        torch.save({"weights": torch.zeros(3)}, last)
+    else:
+        last.write_text("not a checkpoint")
+    err = one_line_error(capsys, [*base, "--resume", "true"])
+    assert str(last) in err and ("not a readable checkpoint" in err or "not a training checkpoint" in err), err
+
+
+def test_load_checkpoint_raises_checkpoint_error(tmp_path):
+    from train import CheckpointError, RunError, load_checkpoint
+    path = tmp_path / "last.pt"
+    buf = io.BytesIO()
+    torch.save({"model": {}}, buf)
+    path.write_bytes(buf.getvalue()[:40])
+    with pytest.raises(CheckpointError, match=r"last\.pt: not a readable checkpoint") as info:
+        load_checkpoint(path)
+    assert isinstance(info.value, RunError) and isinstance(info.value, ValueError)
+
+
+def die(where: str, k: int) -> None:
+    """SIGKILL this process during the k-th optimiser step (before the update) or in the middle of the k-th
+    checkpoint write (half the bytes written)."""
+    calls = [0]
+    if where == "step":
+        step = torch.optim.Adam.step
+
+        def dying_step(self, *args, **kwargs):
+            calls[0] += 1
+            if calls[0] == k:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return step(self, *args, **kwargs)
+
+        torch.optim.Adam.step = dying_step
+    else:
+        save = torch.save
+
+        def dying_save(obj, f, *args, **kwargs):
+            calls[0] += 1
+            if calls[0] == k and not isinstance(f, (str, os.PathLike)):
+                buf = io.BytesIO()
+                save(obj, buf, *args, **kwargs)
+                f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+                f.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+            return save(obj, f, *args, **kwargs)
+
+        torch.save = dying_save
+
+
+if __name__ == "__main__":
     torch.set_num_threads(1)
-    train(Path(sys.argv[1]), kill_at=int(sys.argv[2]))
+    if sys.argv[1] == "run":  # python test_checkpoint.py run {step|save} K FLAGS...: examples/sasrec.py, killed
+        sys.path[:0] = [str(ROOT / "examples"), str(ROOT / "tests")]
+        die(sys.argv[2], int(sys.argv[3]))
+        import sasrec
+        sasrec.main(sys.argv[4:])
+    else:  # python test_checkpoint.py CKPT KILL_AT: the hand-written loop
+        train(Path(sys.argv[1]), kill_at=int(sys.argv[2]))

@@ -224,6 +224,13 @@ def test_attributes_naming_no_item_are_refused_for_the_attribute_models(tmp_path
     bare = load_dataset(files(tmp_path / "bare", d_txt="1 10 11 12\n") / "d.txt", k=0)
     with pytest.raises(DataError, match=r"d\.txt: NOVA needs item attributes and this dataset has none"):
         bare.require_attributes("NOVA")
+    from train import TrainConfig, run
+    with pytest.raises(DataError, match="names none"):  # refused before any training
+        run(ds, "DIFSASRec", TrainConfig(epochs=1, save=False, progress=False, log=False), {"dim": 8, "heads": 1,
+                                                                                          "attr_dim": 8})
+    # SASRec needs no attributes: the same data trains
+    assert run(ds, "SASRec", TrainConfig(epochs=1, save=False, progress=False, log=False),
+               {"dim": 8, "heads": 1, "max_len": 4})["epochs"] == 1
 
 
 @pytest.mark.parametrize("method", ["window_samples", "prefix_samples", "train_windows", "split"])

@@ -6,7 +6,7 @@ import torch
 
 from example_helpers import synthetic, write_s3rec
 from dif_attention.models import MODELS, load_model
-from train import TrainConfig, make_model, run
+from train import TrainConfig, run
 
 TINY = dict(batch_size=16, save=False, progress=False, log=False)
 TINY_MODEL = dict(dim=16, heads=2, layers=1, attr_dim=8, max_len=12, hidden_dropout=0.1, attn_dropout=0.1)
@@ -76,7 +76,7 @@ def test_ablation_runner(tmp_path):
     assert "| wo_dif | 1 |" in md and "frozen" in md
 
 
-def test_attribute_rates_and_prior_init(monkeypatch):
+def test_attribute_rates_and_prior_init():
     import numpy as np
     import train
     tables = {"cat": torch.tensor([[0, 0], [1, 2], [2, 0], [3, 3]])}  # item 3 lists token 3 twice: counted once
@@ -84,10 +84,7 @@ def test_attribute_rates_and_prior_init(monkeypatch):
     rates = train.attribute_rates(items, tables, {"cat": 4})["cat"]
     torch.testing.assert_close(rates, torch.tensor([0.0, 2 / 4, 3 / 4, 1 / 4]))
     ds = synthetic()
-    built = []
-    monkeypatch.setattr(train, "make_model", lambda *a, **k: built.append(make_model(*a, **k)) or built[-1])
-    for init in ("prior", "zero"):
-        run(ds, "DIFSASRec", TrainConfig(epochs=0, aap_init=init, save=False, progress=False, log=False))
+    built = [train.prepare_model(ds, "DIFSASRec", TrainConfig(aap_init=init))[0] for init in ("prior", "zero")]
     prior, zero = (m.predictor.heads["residue"].bias for m in built)
     assert not zero.any()
     # 4 residues, each item has one: every class is positive for about a quarter of the targets

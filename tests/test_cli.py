@@ -1,0 +1,164 @@
+"""The entry points check every flag before any work: a bad value ends the program with exit status 2 and
+one line on stderr naming the flag, the value and what is allowed; data files and checkpoints that cannot be
+used end it with status 1 and one line naming the file. No traceback either way."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import ablation
+import bert4rec
+import breakdown
+import cli
+import report
+import sasrec
+from example_helpers import write_s3rec
+
+MISSING = "no-such-dataset.txt"  # a flag error must come first: the dataset is never looked at
+
+# (entry point, flags, substrings of the one-line message)
+FLAG_CASES = [
+    (sasrec, ["--batch-size", "0"], ["--batch-size", "an int >= 1", "got 0"]),
+    (sasrec, ["--batch-size", "a"], ["--batch-size", "invalid int value: 'a'"]),
+    (sasrec, ["--eval-batch-size", "-5"], ["--eval-batch-size", ">= 1", "-5"]),
+    (sasrec, ["--eval-every", "0"], ["--eval-every", ">= 1", "got 0"]),
+    (sasrec, ["--epochs", "0"], ["--epochs", ">= 1", "got 0"]),
+    (sasrec, ["--patience", "-1"], ["--patience", ">= 0", "got -1"]),
+    (sasrec, ["--seeds", "a"], ["--seeds", "comma-separated ints >= 0", "'a'"]),
+    (sasrec, ["--seeds", "0,0"], ["--seeds", "distinct", "'0,0'"]),
+    (sasrec, ["--seeds", "-1"], ["--seeds", "'-1'"]),
+    (sasrec, ["--lr", "-1"], ["--lr", "a finite number > 0", "-1.0"]),
+    (sasrec, ["--lr", "nan"], ["--lr", "finite", "nan"]),
+    (sasrec, ["--weight-decay", "-0.1"], ["--weight-decay", ">= 0", "-0.1"]),
+    (sasrec, ["--lamb", "-1"], ["--lamb", ">= 0", "-1.0"]),
+    (sasrec, ["--warmup", "-1"], ["--warmup", ">= 0", "-1"]),
+    (sasrec, ["--dropout", "1.5"], ["--hidden-dropout/--dropout", "[0, 1)", "1.5"]),
+    (sasrec, ["--hidden-dropout", "1.5"], ["--hidden-dropout/--dropout", "[0, 1)", "1.5"]),
+    (sasrec, ["--attn-dropout", "1"], ["--attn-dropout", "[0, 1)", "1.0"]),
+    (sasrec, ["--attn-dropout", "-0.1"], ["--attn-dropout", "[0, 1)", "-0.1"]),
+    (sasrec, ["--max-len", "-3"], ["--max-len", ">= 1", "-3"]),
+    (sasrec, ["--max-len", "0"], ["--max-len", ">= 1", "got 0"]),
+    (sasrec, ["--dim", "0"], ["--dim", ">= 1", "got 0"]),
+    (sasrec, ["--layers", "0"], ["--layers", ">= 1", "got 0"]),
+    (sasrec, ["--heads", "0"], ["--heads", ">= 1", "got 0"]),
+    (sasrec, ["--dim", "15", "--heads", "2"], ["--dim", "a multiple of heads=2", "15"]),
+    (sasrec, ["--attr-dim", "0"], ["--attr-dim", ">= 1", "got 0"]),
+    (sasrec, ["--attr-dim", "9", "--heads", "2"], ["--attr-dim", "a multiple of heads=2", "9"]),
+    (sasrec, ["--ff-dim", "0"], ["--ff-dim", ">= 1", "got 0"]),
+    (sasrec, ["--attr-init-std", "-1"], ["--attr-init-std", ">= 0", "-1.0"]),
+    (sasrec, ["--fusion", "nope"], ["--fusion", "invalid choice: 'nope'", "'add', 'concat', 'gate'"]),
+    (sasrec, ["--pooling", "median"], ["--pooling", "'median'", "'sum', 'mean', 'max'"]),
+    (sasrec, ["--backend", "cuda"], ["--backend", "'cuda'", "'sdpa'"]),
+    (sasrec, ["--train-mode", "some"], ["--train-mode", "'some'", "'all', 'prefix'"]),
+    (sasrec, ["--precision", "fp16"], ["--precision", "'fp16'", "'fp32', 'bf16'"]),
+    (sasrec, ["--optimizer", "rmsprop"], ["--optimizer", "'rmsprop'", "'adam', 'sgd'"]),
+    (sasrec, ["--aap-init", "random"], ["--aap-init", "'random'", "'prior', 'zero'"]),
+    (sasrec, ["--models", "SASRec,Foo"], ["--models", "unknown 'Foo'", "DIFSASRec"]),
+    (sasrec, ["--models", ""], ["--models", "at least one", "got none"]),
+    (sasrec, ["--threads", "-1"], ["--threads", "an int >= 0", "'-1'"]),
+    (sasrec, ["--resume", "maybe"], ["--resume", "true or false", "'maybe'"]),
+    (sasrec, ["--checkpoint-every", "-1"], ["--checkpoint-every", ">= 0", "-1"]),
+    (sasrec, ["--max-train-seconds", "-1"], ["--max-train-seconds", ">= 0", "-1.0"]),
+    (sasrec, ["--mask-ratio", "1.5"], ["--mask-ratio", "[0, 1]", "1.5"]),
+    (sasrec, ["--out-dir", ""], ["--out-dir", "a folder name", "''"]),
+    (bert4rec, ["--ft-ratio", "-0.5"], ["--ft-ratio", "[0, 1]", "-0.5"]),
+    (bert4rec, ["--batch-size", "0"], ["--batch-size", ">= 1", "got 0"]),
+    (ablation, ["--variants", "full,nope"], ["--variants", "unknown 'nope'", "wo_aap"]),
+    (ablation, ["--variants", ""], ["--variants", "at least one", "got none"]),
+    (ablation, ["--epochs", "0"], ["--epochs", ">= 1", "got 0"]),
+    (ablation, ["--dropout", "2"], ["--hidden-dropout/--dropout", "[0, 1)", "2.0"]),
+]
+
+
+def one_line(capsys, entry, argv) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exit_:
+        entry.main(argv)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.endswith("\n"), f"not one line: {err!r}"
+    assert "Traceback" not in err
+    return exit_.value.code, err
+
+
+@pytest.mark.parametrize("entry, flags, needles", FLAG_CASES,
+                         ids=[f"{e.__name__}:{' '.join(f)}" for e, f, _ in FLAG_CASES])
+def test_bad_flag_ends_with_one_line_before_any_work(capsys, monkeypatch, entry, flags, needles):
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data were loaded before the flags were checked")
+
+    for module in (cli, ablation):
+        monkeypatch.setattr(module, "load_dataset", no_data)
+    code, err = one_line(capsys, entry, ["--dataset", MISSING, *flags])
+    assert code == 2
+    assert ": error: " in err, err
+    for needle in needles:
+        assert needle in err, f"{needle!r} not in {err!r}"
+
+
+def test_every_setting_has_a_rule():
+    """A new TrainConfig field or model keyword cannot slip past the checks."""
+    import dataclasses
+
+    import train
+    assert set(train.TRAIN_RULES) == {f.name for f in dataclasses.fields(train.TrainConfig)}
+    assert set(train.MODEL_RULES) == set(train.MODEL_FLAGS)
+
+
+def test_library_callers_get_the_same_checks():
+    from train import SettingError, TrainConfig, run
+    from example_helpers import synthetic
+    ds = synthetic()
+    for cfg, model, message in [
+        (TrainConfig(batch_size=0), {}, "batch_size: expected an int >= 1, got 0"),
+        (TrainConfig(epochs=0), {}, "epochs: expected an int >= 1, got 0"),
+        (TrainConfig(patience=-1), {}, "patience: expected an int >= 0, got -1"),
+        (TrainConfig(lr=True), {}, "lr: expected a finite number > 0, got True"),
+        (TrainConfig(), {"fusion": "nope"}, "fusion: expected one of 'add', 'concat', 'gate', got 'nope'"),
+        (TrainConfig(), {"max_len": 0}, "max_len: expected an int >= 1, got 0"),
+        (TrainConfig(), {"hidden_dropout": 1.5}, "hidden_dropout: expected a probability in [0, 1), got 1.5"),
+        (TrainConfig(), {"dim": 10, "heads": 4}, "dim: expected a multiple of heads=4, got 10"),
+        (TrainConfig(), {"dims": 10}, "model: expected settings among dim, "),
+    ]:
+        with pytest.raises(SettingError) as info:
+            run(ds, "DIFSASRec", cfg, model)
+        assert str(info.value).startswith(message), str(info.value)
+        assert isinstance(info.value, ValueError)
+    with pytest.raises(SettingError, match=r"^models: expected names among SASRec, .*got 'Foo'"):
+        run(ds, "Foo", TrainConfig(), {})
+
+
+def test_attr_dim_is_only_checked_for_models_that_use_it(tmp_path):
+    """SASRec has no attribute width: --attr-dim 9 with 2 heads does not stop a SASRec-only run."""
+    txt = write_s3rec(tmp_path)
+    res = sasrec.main(["--dataset", str(txt), "--models", "SASRec", "--attr-dim", "9", "--epochs", "1", "--dim", "8",
+                       "--max-len", "8", "--layers", "1", "--save", "false", "--progress", "false", "--log", "false",
+                       "--results", str(tmp_path / "r")])
+    assert res[0]["epochs"] == 1
+
+
+@pytest.mark.parametrize("case", ["missing file", "attributes name no item", "no users", "5-core empties"])
+def test_unusable_data_ends_with_one_line_naming_the_file(tmp_path, capsys, case):
+    txt = tmp_path / "d.txt"
+    if case == "missing file":
+        pass
+    elif case == "attributes name no item":
+        write_s3rec(tmp_path)
+        txt = tmp_path / "toy.txt"
+        (tmp_path / "toy_item2attributes.json").write_text(json.dumps({"999": ["a"]}))
+    elif case == "no users":
+        txt.write_text("")
+    else:
+        txt.write_text("1 10 11 12\n2 10 11 12\n")
+    code, err = one_line(capsys, sasrec, ["--dataset", str(txt), "--models", "SASRec,DIFSASRec", "--epochs", "1",
+                                          "--out-dir", str(tmp_path / "runs"), "--results", str(tmp_path / "r")])
+    assert code == 1 and (txt.name in err or "item2attributes.json" in err), err
+    assert not (tmp_path / "runs").exists()  # nothing trained (SASRec would have run first)
+
+
+def test_report_and_breakdown_flags(tmp_path, capsys):
+    code, err = one_line(capsys, report, [str(tmp_path), "--seeds", "x"])
+    assert code == 2 and "--seeds" in err and "'x'" in err
+    code, err = one_line(capsys, report, [str(tmp_path / "nothing")])
+    assert code == 1 and "nothing: no such folder" in err
+    code, err = one_line(capsys, breakdown, [str(tmp_path), "--models", "SASRec", "--threads", "-2"])
+    assert code == 2 and "--threads" in err and "'-2'" in err
