@@ -304,3 +304,37 @@ def test_onnx_export_runs_in_onnxruntime(tmp_path):
         got_items, got_scores = session.run(None, {"histories": hist.numpy()})
         assert (got_items == items.numpy()).all()
         torch.testing.assert_close(torch.from_numpy(got_scores), scores, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- examples/serve.py
+def test_serve_example_answers_users_and_typed_histories(tmp_path, capsys):
+    from data import load_dataset
+    from example_helpers import write_s3rec
+    from train import TrainConfig, run
+    import serve
+
+    txt = write_s3rec(tmp_path)
+    dataset = load_dataset(str(txt))
+    cfg = TrainConfig(epochs=1, batch_size=16, out_dir=str(tmp_path / "runs"), progress=False, log=False)
+    run(dataset, "DIFSASRec", cfg, dict(dim=16, heads=2, layers=1, attr_dim=8, max_len=8))
+    flags = ["--dataset", str(txt), "--model", "DIFSASRec", "--out-dir", str(tmp_path / "runs"), "--k", "5"]
+    out = serve.main(flags + ["--users", "0,3", "--history", "5,17,3"])
+    assert [r["user"] for r in out] == [0, 3, None]
+    model = serve.load_model(tmp_path / "runs" / "toy" / "DIFSASRec" / "seed0" / "best.pt")
+    hist, targets = dataset.split("test", 50)
+    for r, user in zip(out[:2], (0, 3)):
+        history = [int(i) for i in hist[user] if i]
+        assert r["history"] == history and r["target"] == int(targets[user]) and len(r["items"]) == 5
+        assert not set(r["items"]) & set(history)
+        items, scores = model.recommend(torch.tensor([history]), k=5)
+        assert r["items"] == items[0].tolist()
+    assert out[2]["history"] == [5, 17, 3] and not {5, 17, 3} & set(out[2]["items"])
+    printed = capsys.readouterr().out
+    assert "| user 3 |" in printed and "| typed | 5, 17, 3 |" in printed
+    same = serve.main(["--run", str(tmp_path / "runs" / "toy" / "DIFSASRec" / "seed0"), "--history", "5,17,3",
+                       "--k", "5"])
+    assert same[0]["items"] == out[2]["items"]
+    with pytest.raises(SystemExit):
+        serve.main(flags + ["--history", "5,0,3"])  # 0 is padding, not an item
+    with pytest.raises(SystemExit):
+        serve.main(flags + ["--users", "100000"])
