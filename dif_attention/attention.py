@@ -2,11 +2,10 @@
 :class:`KVCache`, the keys and values of the positions it has already seen (incremental decoding)."""
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import torch
-from einops import rearrange
 from torch import Tensor, nn
 
 from .errors import DIFError, check_divisible, check_int, check_matches, check_probability, check_tensor, fail
@@ -152,7 +151,8 @@ class DecoupledAttention(nn.Module):
         self.fusion = get_fusion(fusion, num_sources=len(self.sources), max_len=max_len)
 
     def _heads(self, t: Tensor) -> Tensor:
-        return rearrange(t, "... n (h e) -> ... h n e", h=self.heads)
+        """``(..., n, (h e)) -> (..., h, n, e)`` (einops notation; written with view ops, the hot path of a step)."""
+        return t.unflatten(-1, (self.heads, -1)).transpose(-2, -3)
 
     def _check_input(self, arg: str, t: Tensor) -> None:
         check_matches(arg, t, self.to_q.weight, "DecoupledAttention")
@@ -223,12 +223,12 @@ class DecoupledAttention(nn.Module):
             cache = check_cache(cache, return_scores)
             cache = cache.append(keys, value)
             out = decoupled_attention(queries, list(cache.keys), cache.value, backend=self.backend, **kw)
-            return self.to_out(rearrange(out, "b h n e -> b n (h e)")), cache
+            return self.to_out(out.transpose(1, 2).flatten(2)), cache  # b h n e -> b n (h e)
         if return_scores:
             out, maps = reference_attention(queries, keys, value, names=self.sources, **kw)
         else:
             out = decoupled_attention(queries, keys, value, backend=self.backend, **kw)
-        out = self.to_out(rearrange(out, "b h n e -> b n (h e)"))
+        out = self.to_out(out.transpose(1, 2).flatten(2))  # b h n e -> b n (h e)
         return (out, maps) if return_scores else out
 
     def extra_repr(self) -> str:

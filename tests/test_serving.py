@@ -338,3 +338,24 @@ def test_serve_example_answers_users_and_typed_histories(tmp_path, capsys):
         serve.main(flags + ["--history", "5,0,3"])  # 0 is padding, not an item
     with pytest.raises(SystemExit):
         serve.main(flags + ["--users", "100000"])
+
+
+# ---------------------------------------------------------------------------------------------- benchmarks/serving.py
+def test_serving_benchmark_tiny(tmp_path, capsys):
+    import json
+
+    import serving
+
+    out = tmp_path / "serving.json"
+    result = serving.main(["--n", "6", "9", "--users", "3", "--repeats", "2", "--num-items", "30", "--dim", "16",
+                           "--attr-dim", "8", "--device", "cpu", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert "command: `python benchmarks/serving.py --n 6 9" in printed and "torch threads" in printed
+    assert [(r["n"], r["model"]) for r in result["rows"]] == [(6, "SASRec"), (6, "DIFSASRec"), (9, "SASRec"),
+                                                               (9, "DIFSASRec")]
+    for r in result["rows"]:
+        assert r["step_ms"]["full"] > 0 and r["step_ms"]["incremental"] > 0 and r["recommend_speedup"] > 0
+        assert f"| cpu | {r['n']} | {r['model']} | {r['step_ms']['full']:.2f} |" in printed
+    assert len(result["ratios"]) == 2 and json.loads(out.read_text())["machine"] == result["machine"]
+    with pytest.raises(SystemExit):
+        serving.main(["--n", "4", "--repeats", "5"])  # the window would fill during the timed steps
