@@ -1,0 +1,133 @@
+"""The validation-only search (examples/tune.py) on the tiny synthetic walk: outputs, the JSON round trip,
+resuming, pruning through an ``on_eval`` callback, the per-family search spaces, the test split kept out."""
+import json
+import random
+
+import numpy as np
+import pytest
+
+optuna = pytest.importorskip("optuna")
+
+import tune  # noqa: E402
+from data import from_sequences  # noqa: E402
+from example_helpers import synthetic, write_s3rec  # noqa: E402
+from train import RunError, TrainConfig, run  # noqa: E402
+
+SMALL = ["--epochs", "2", "--dim", "16", "--max-len", "12", "--batch-size", "16", "--threads", "1",
+         "--progress", "false", "--log", "false"]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def two_attributes():
+    """The walk with two attributes per item (residue mod 4 and mod 3)."""
+    rng = random.Random(0)
+    seqs = {}
+    for u in range(30):
+        start, length = rng.randrange(20), rng.randrange(6, 12)
+        seqs[str(u)] = [str((start + t) % 20 + 1) for t in range(length)]
+    attrs = {"mod4": {str(i): [f"a{i % 4}"] for i in range(1, 21)}, "mod3": {str(i): [f"b{i % 3}"] for i in range(1, 21)}}
+    return from_sequences("two", seqs, attrs, k=0)
+
+
+def test_search_writes_outputs_round_trips_and_resumes(tmp_path, capsys):
+    txt = write_s3rec(tmp_path)
+    out = tmp_path / "tune"
+    common = ["--dataset", str(txt), "--models", "DIFSASRec", "--out", str(out), "--out-dir", str(tmp_path / "runs"),
+              *SMALL]
+    res = tune.main(common + ["--trials", "2"])["DIFSASRec"]
+    study, paths = res["study"], res["paths"]
+    printed = capsys.readouterr().out
+    assert printed.count("[DIFSASRec] trial ") == 2  # one line per finished trial
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+
+    # best.json gives back what the best trial trained with
+    best = study.best_trial
+    train, settings = tune.load_config(paths["config"])
+    config = best.user_attrs["config"]
+    assert (train, settings) == (config["train"], config["model_settings"])
+    assert json.loads(paths["config"].read_text())["model"] == "DIFSASRec"
+    cfg = TrainConfig(**train)
+    assert cfg.lr == best.params["lr"] and cfg.lamb == best.params["lamb"]
+    assert {k: settings[k] for k in ("layers", "heads", "attr_dim", "fusion", "hidden_dropout", "attn_dropout")} == \
+        {k: best.params[k] for k in ("layers", "heads", "attr_dim", "fusion", "hidden_dropout", "attn_dropout")}
+    assert settings["dim"] == 16 and cfg.epochs == 2  # the fixed base is kept
+
+    # the table and the plots
+    rows = [ln for ln in paths["trials"].read_text().splitlines() if ln.startswith("| ") and "state" not in ln]
+    assert len(rows) == 2 and all("complete" in r for r in rows) and f"| **{best.number}** |" in "\n".join(rows)
+    for name in ("history", "importance", "curves"):
+        assert paths[name].read_bytes()[:8] == PNG
+    # the final run: the chosen configuration, tested once, on the real data
+    final = json.loads((out / "DIFSASRec" / "final.json").read_text())
+    assert final["best_trial"] == best.number and len(final["results"]) == 1
+    assert final["results"][0]["model_config"]["fusion"] == settings["fusion"]
+    assert (out / "tune-results.md").read_text().count("| DIFSASRec |") == 1
+
+    # rerun with a larger budget: the study resumes from the SQLite file and adds one trial
+    again = tune.main(common + ["--trials", "3", "--final", "false"])["DIFSASRec"]["study"]
+    assert [t.number for t in again.trials] == [0, 1, 2]
+    assert again.trials[0].params == study.trials[0].params
+    with pytest.raises(SystemExit):  # other fixed settings: refused, not mixed into the study
+        tune.main(common[:-len(SMALL)] + [*SMALL[2:], "--epochs", "3", "--trials", "4", "--final", "false"])
+    assert "other fixed settings (epochs)" in capsys.readouterr().err
+
+
+class PruneSecondTrial(optuna.pruners.BasePruner):
+    """Prunes trial 1 at its first report, never trial 0."""
+
+    def prune(self, study, trial):
+        return trial.number == 1
+
+
+def test_pruning_through_on_eval_and_no_test_item_read(tmp_path):
+    seen = []
+
+    def runner(dataset, model_name, cfg, settings, *, on_eval):
+        """``train.run`` with the per-evaluation callback (here replayed from the finished run's history)."""
+        hist = dataset.split("test", 12)
+        seen.append(isinstance(dataset, tune.ValidationOnly) and all(
+            np.array_equal(a, b) for a, b in zip(hist, dataset.split("valid", 12))))
+        result = run(dataset, model_name, cfg, settings)
+        for record in result["history"]:
+            on_eval(record["epoch"], record["valid"])
+        return result
+
+    cfg = TrainConfig(epochs=3, batch_size=16, progress=False, log=False)
+    study = tune.search(synthetic(), "SASRec", cfg, {"dim": 16, "max_len": 12}, trials=2,
+                        storage=f"sqlite:///{tmp_path / 's.db'}", pruner=PruneSecondTrial(), runner=runner,
+                        progress=False)
+    first, second = study.trials
+    assert first.state.name == "COMPLETE" and sorted(first.intermediate_values) == [1, 2, 3]
+    assert first.value == max(first.intermediate_values.values())
+    assert second.state.name == "PRUNED" and list(second.intermediate_values) == [1]
+    assert seen == [True, True]
+    assert "| 1 | pruned |" in tune.trials_table(study)
+
+
+def test_search_spaces_per_family_and_attribute_switches():
+    ds = two_attributes()
+    shared = ["lr", "layers", "heads", "hidden_dropout", "attn_dropout"]
+    assert tune.search_space("SASRec", ds) == shared
+    assert tune.search_space("SASRecF", ds) == shared + ["use_mod4", "use_mod3"]
+    assert tune.search_space("SASRecF", ds, {"aap": True}) == shared + ["lamb", "use_mod4", "use_mod3"]
+    assert tune.search_space("DIFSASRec", ds) == shared + ["attr_dim", "fusion", "lamb", "use_mod4", "use_mod3"]
+    assert tune.search_space("DIFSASRec", synthetic()) == shared + ["attr_dim", "fusion", "lamb"]  # one attribute
+
+    params = {"lr": 1e-3, "layers": 1, "heads": 2, "hidden_dropout": 0.2, "attn_dropout": 0.1, "attr_dim": 8,
+              "fusion": "add", "lamb": 0.0, "use_mod4": False, "use_mod3": True}
+    cfg, settings, attributes = tune.suggest(optuna.trial.FixedTrial(params), "DIFSASRec", ds, TrainConfig(),
+                                             {"dim": 16})
+    assert (cfg.lr, cfg.lamb, settings["fusion"], settings["dim"], attributes) == (1e-3, 0.0, "add", 16, ["mod3"])
+    one = tune.with_attributes(ds, attributes)
+    assert list(one.tables) == list(one.num_classes) == ["mod3"] and list(ds.tables) == ["mod4", "mod3"]
+    *_, none = tune.suggest(optuna.trial.FixedTrial({**params, "use_mod3": False}), "DIFSASRec", ds, TrainConfig())
+    assert none == []
+
+
+def test_load_config_refuses_unknown_settings(tmp_path):
+    path = tmp_path / "best.json"
+    path.write_text(json.dumps({"model": "SASRec", "train": {"lr": 1e-3, "learning_rate": 1}, "model_settings": {}}))
+    with pytest.raises(RunError, match="unknown settings learning_rate"):
+        tune.load_config(path)
+    path.write_text(json.dumps({"model": "SASRec", "train": {"lr": 1e-3}, "model_settings": {"dim": 32}}))
+    assert tune.load_config(path) == ({"lr": 1e-3}, {"dim": 32})
