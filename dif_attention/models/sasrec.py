@@ -56,6 +56,8 @@ class SASRec(SequenceModel):
         return self.item_emb(ids) + pos
 
     def inputs(self, ids: Tensor, positions: Tensor | None = None) -> tuple[Tensor, dict]:
+        """The encoder's input for ``ids (b, n)`` at ``positions`` (``(b, n)``; default ``0..n-1``): the stream
+        ``Drop(LN(embed))`` ``(b, n, dim)`` and the encoder's side keywords (none: one fused stream)."""
         x = self.in_drop(self.in_norm(self.embed(ids, self.position_embedding(ids, positions))))
         return x, {}
 
@@ -106,6 +108,7 @@ class NOVA(SequenceModel):
         init_weights(self)
 
     def inputs(self, ids: Tensor, positions: Tensor | None = None) -> tuple[Tensor, dict]:
+        """The item stream ``(b, n, dim)`` and the side keywords ``attrs``, ``pos`` of every layer."""
         h = self.in_drop(self.in_norm(self.item_emb(ids)))
         return h, {"attrs": self.attr_emb(items=ids), "pos": self.position_embedding(ids, positions)}
 
@@ -144,6 +147,8 @@ class DIFMixin:
         return self.exact_fusion and self.fusion != "add"
 
     def inputs(self, ids: Tensor, positions: Tensor | None = None) -> tuple[Tensor, dict]:
+        """The item stream ``(b, n, dim)`` and the raw side inputs of every layer's decoupled attention: the
+        attributes of the items and the position embedding (``(n, dim)``, or ``(b, n, dim)`` at ``positions``)."""
         x = self.in_drop(self.in_norm(self.item_emb(ids)))
         return x, {"attrs": self.attr_emb(items=ids), "pos": self.position_embedding(ids, positions)}
 

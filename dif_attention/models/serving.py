@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..attention import KVCache
-from ..errors import check_int, check_tensor, fail
+from ..errors import check_int, check_tensor, fail, fmt_shape
 
 __all__ = ["Servable", "ServingState", "Recommender", "export_recommender", "last_items"]
 
@@ -112,7 +112,7 @@ class Servable:
         return self.causal and not self.length_bound
 
     # ---- checks
-    def check_histories(self, histories, arg: str = "histories") -> Tensor:
+    def check_histories(self, histories: Tensor, arg: str = "histories") -> Tensor:
         """``histories``: a 2-d integer tensor of right-padded item ids in ``[0, num_items]`` on the model's
         device, every row with at least one item (value checks in eager mode only)."""
         check_tensor(arg, histories)
@@ -138,7 +138,7 @@ class Servable:
                 fail(arg, "at least one item in every history", f"an empty row {int((~present[:, 0]).nonzero()[0])}")
         return histories
 
-    def _check_step(self, state, items) -> Tensor:
+    def _check_step(self, state: ServingState, items: Tensor) -> Tensor:
         if not isinstance(state, ServingState):
             fail("state", "the ServingState returned by start() or step()", type(state).__name__)
         if state.owner is not self:
@@ -147,7 +147,7 @@ class Servable:
         check_tensor("items", items)
         if items.ndim != 1 or items.is_floating_point() or items.dtype == torch.bool or items.is_complex():
             fail("items", f"a 1-d integer tensor of item ids, one per history: shape ({state.batch},)",
-                 f"shape {tuple(items.shape)} of dtype {items.dtype}")
+                 f"shape {fmt_shape(items.shape)} of dtype {items.dtype}")
         if items.shape[0] != state.batch:
             fail("state", f"a state of {items.shape[0]} histories (one per item given)",
                  f"a state of {state.batch} histories")
@@ -213,7 +213,7 @@ class Servable:
         return self.top_k(self._scores(histories), k=k, exclude=histories if exclude_seen else None)
 
     # ---- incremental
-    def _prefill(self, windows: Tensor, lengths: Tensor):
+    def _prefill(self, windows: Tensor, lengths: Tensor) -> tuple[Tensor, tuple[KVCache, ...], Tensor]:
         """Run windows ``(b, w)`` once, keeping every layer's keys: ``(scores, caches, slots)``."""
         x, side = self.inputs(windows)
         h, caches = self.encoder(x, **side, mask=self.mask(windows), is_causal=True,
@@ -221,7 +221,8 @@ class Servable:
         scores = self.item_scores(h[torch.arange(windows.shape[0], device=windows.device), lengths - 1])
         return scores, tuple(caches), windows != 0
 
-    def _extend(self, caches, slots: Tensor, lengths: Tensor, items: Tensor):
+    def _extend(self, caches, slots: Tensor, lengths: Tensor,
+                items: Tensor) -> tuple[Tensor, tuple[KVCache, ...], Tensor]:
         """One new item per row at position ``lengths`` over the cached slots: ``(scores, caches, slots)``."""
         x, side = self.inputs(items[:, None], positions=lengths[:, None])
         slots = torch.cat([slots, slots.new_ones(slots.shape[0], 1)], 1)
@@ -298,6 +299,7 @@ class Recommender(nn.Module):
         self.model, self.k, self.exclude_seen = model, k, bool(exclude_seen)
 
     def forward(self, histories: Tensor) -> tuple[Tensor, Tensor]:
+        """``histories (b, n)`` -> ``(items, scores)``, each ``(b, k)``."""
         return self.model.recommend(histories, k=self.k, exclude_seen=self.exclude_seen)
 
 
