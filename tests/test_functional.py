@@ -313,6 +313,10 @@ def test_fewer_queries_causal_alignment_and_shared_sources():
         # without the causal mask every query sees every key
         torch.testing.assert_close(decoupled_attention(part, ks, v, backend=backend),
                                    decoupled_attention(qs, ks, v, backend="torch")[..., -4:, :])
+    out, maps = reference_attention(part, ks, v, is_causal=True, names=["item", "position", "a", "b"])
+    torch.testing.assert_close(out, want)
+    assert maps["position"].shape == (1, 2, 4, 9) and maps.probs.shape == (2, 2, 4, 9)
+    assert not maps.probs[..., 0, 6:].any() and maps.probs[..., 3, :].sum(-1).allclose(torch.ones(()).double())
 
 
 @pytest.mark.parametrize("fusion_name", ["concat-L", "gate-L"])
