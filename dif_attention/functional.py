@@ -150,11 +150,15 @@ def _prepare(queries, keys, value, mask, is_causal, fusion, scale, dropout_p, ch
     return b, fusion, allowed, float(scale)
 
 
-def _sanitize(queries, keys, value, allowed):
+def _sanitize(queries, keys, value, allowed, fusion):
     """Zero the inputs the mask makes irrelevant -- keys and values no query may attend, queries with no
     allowed key -- so NaN/inf there (uninitialised padding, say) never reaches an output or a gradient, on
     every backend alike (the score ``0 * NaN`` would). Batch-independent sources keep their shape (a
-    per-batch mask cannot make them irrelevant). A lone causal mask (2-d) has no such position."""
+    per-batch mask cannot make them irrelevant). A lone causal mask (2-d) has no such position.
+
+    The paper-exact fusions (``max_len`` set) read every key of a row, masked or not, as the reference does:
+    their keys are left as they are (NaN in a padded key reaches them there too); values and queries are
+    still cleaned, which never changes a finite result."""
     if allowed is None or allowed.ndim < 4:
         return queries, keys, value
     key_ok = allowed.any(-2).unsqueeze(-1)  # (b|1, h|1, n_k, 1): some query may attend key j
@@ -168,7 +172,8 @@ def _sanitize(queries, keys, value, allowed):
             return t
         return torch.where(ok, t, torch.zeros((), dtype=t.dtype, device=t.device))
 
-    return ([clean(q, row_ok) for q in queries], [clean(k, key_ok) for k in keys], clean(value, key_ok))
+    keys = list(keys) if fusion.max_len is not None else [clean(k, key_ok) for k in keys]
+    return [clean(q, row_ok) for q in queries], keys, clean(value, key_ok)
 
 
 def reference_attention(queries: Sequence[Tensor], keys: Sequence[Tensor], value: Tensor, *,
@@ -183,7 +188,7 @@ def reference_attention(queries: Sequence[Tensor], keys: Sequence[Tensor], value
     names = [str(i) for i in range(len(queries))] if names is None else list(names)
     if len(names) != len(queries):
         fail("names", f"{len(queries)} source names, one per query source", f"{len(names)} names")
-    queries, keys, value = _sanitize(queries, keys, value, allowed)
+    queries, keys, value = _sanitize(queries, keys, value, allowed, fusion)
     return _reference(queries, keys, value, allowed, fusion, scale, dropout_p, names)
 
 
@@ -290,7 +295,7 @@ def decoupled_attention(queries: Sequence[Tensor], keys: Sequence[Tensor], value
         fail("backend", f"one of {BACKENDS}", repr(backend))
     b, fusion, allowed, scale = _prepare(queries, keys, value, mask, is_causal, fusion, scale, dropout_p,
                                          check_finite)
-    queries, keys, value = _sanitize(queries, keys, value, allowed)
+    queries, keys, value = _sanitize(queries, keys, value, allowed, fusion)
     if backend == "torch":
         return _reference(queries, keys, value, allowed, fusion, scale, dropout_p,
                           [str(i) for i in range(len(queries))])[0]

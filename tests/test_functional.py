@@ -206,9 +206,10 @@ def test_functional_gate_and_concat_by_name_need_a_module():
             decoupled_attention(qs, ks, v, fusion=name)
 
 
-def _poison(qs, ks, v, allowed, value):
+def _poison(qs, ks, v, allowed, value, *, keys=True):
     """``value`` (NaN or inf) at every position the mask makes irrelevant: keys/values no query may attend and
-    queries with no allowed key (batch-independent sources are left alone: no per-batch mask can void them)."""
+    queries with no allowed key (batch-independent sources are left alone: no per-batch mask can void them).
+    ``keys=False`` leaves the keys clean: the paper-exact fusions read every key of a row, as the reference."""
     b = v.shape[0]
     a = allowed.expand(b, -1, -1, -1)
     key_dead = ~a.any(-2)[..., None]  # (b, h|1, n, 1)
@@ -219,7 +220,8 @@ def _poison(qs, ks, v, allowed, value):
             return t.detach().clone().requires_grad_()
         return t.detach().masked_fill(dead, value).requires_grad_()
 
-    return [fill(q, row_dead) for q in qs], [fill(k, key_dead) for k in ks], fill(v, key_dead)
+    bad_keys = [fill(k, key_dead) for k in ks] if keys else [k.detach().clone().requires_grad_() for k in ks]
+    return [fill(q, row_dead) for q in qs], bad_keys, fill(v, key_dead)
 
 
 @pytest.mark.parametrize("poison", [float("nan"), float("inf")])
@@ -228,11 +230,12 @@ def _poison(qs, ks, v, allowed, value):
 @pytest.mark.parametrize("n", [1, 7, 50])
 def test_poisoned_masked_positions_never_leak(n, fusion_name, backend, poison):
     """NaN / inf wherever the mask forbids attending (padded keys, fully masked query rows): every backend gives
-    the oracle's output on clean inputs, with finite gradients (flash-attn's padding-poisoning test)."""
+    the oracle's output on clean inputs, with finite gradients (flash-attn's padding-poisoning test). The
+    paper-exact fusions (``-L``) read every key of a row, so only their values and queries are poisoned."""
     qs, ks, v = make_inputs(n=n, widths=(8, 8, 4), ev=6, dtype=torch.float64, seed=n)
     fusion = make_fusion(fusion_name, n, len(qs), dtype=torch.float64)
     mask, _ = make_mask("left-padded-causal", 2, n, seed=n + 1)  # padded keys and fully masked query rows
-    bad_q, bad_k, bad_v = _poison(qs, ks, v, mask, poison)
+    bad_q, bad_k, bad_v = _poison(qs, ks, v, mask, poison, keys=not fusion_name.endswith("-L"))
     want = decoupled_attention(qs, ks, v, mask=mask, fusion=fusion, backend="torch")
     got = decoupled_attention(bad_q, bad_k, bad_v, mask=mask, fusion=fusion, backend=backend)
     torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-9)
@@ -480,3 +483,19 @@ def test_fewer_queries_property(case):
         assert_within(f"[{backend}] out", out, oracle, ref, dtype)
         assert_all_within([f"[{backend}] {n}" for n in names[1:]], grads, oracle_grads, ref_grads, dtype)
         assert not bool(out[empty].any()), f"[{backend}] rows with no allowed key must give exactly 0"
+
+
+def test_paper_exact_fusions_see_padded_keys_as_the_reference_does():
+    """Masked keys are not zeroed for the paper-exact fusions: their gates / concat map read the whole row."""
+    n = 6
+    qs, ks, v = make_inputs(n=n, widths=(8, 8, 4), ev=6, dtype=torch.float64, seed=0)
+    keep = torch.arange(n)[None, :] >= torch.tensor([0, 3])[:, None]  # row 1: three left-padded positions
+    mask = keep[:, None, None, :] & causal_mask(n)
+    for name in ("gate-L", "concat-L"):
+        fusion = make_fusion(name, n, len(qs), dtype=torch.float64)
+        out = decoupled_attention(qs, ks, v, mask=mask, fusion=fusion, backend="torch")
+        moved = [k.detach().clone() for k in ks]
+        dead = ~mask.expand(2, -1, -1, -1).any(-2)[..., None]  # keys no query attends
+        assert dead.any()
+        moved[0] = moved[0].masked_fill(dead, 3.0)
+        assert not torch.allclose(decoupled_attention(qs, moved, v, mask=mask, fusion=fusion, backend="torch"), out)
