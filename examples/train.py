@@ -528,7 +528,8 @@ def resume_point(out: Path, cfg: TrainConfig, settings: dict, world: int) -> tup
     if changed and not cfg.resume_override:
         diff = ", ".join(f"{k} {_show(a)} -> {_show(b)}" for k, (a, b) in changed.items())
         raise CheckpointError(f"{path}: the settings differ from the checkpoint's ({diff}); use the checkpoint's "
-                              "settings, or resume_override=True (--resume-override true) to continue with the new ones")
+                              "settings, or resume_override=True (--resume-override true) to continue with the new "
+                              "ones")
     return ck, changed
 
 

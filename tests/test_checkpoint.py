@@ -345,8 +345,8 @@ def test_torchrun_run_stopped_and_resumed_is_bit_identical(tmp_path):
             break
         errors.append(f"exit {proc.returncode}:\n{proc.stderr[-4000:]}")
     assert proc.returncode == 0, f"stop at {stop}: " + "\n----\n".join(errors)
-    straight, resumed = (torch.load(tmp_path / kind / "synthetic" / "DIFSASRec" / "seed0" / "last.pt",
-                                    weights_only=True) for kind in ("straight", "resumed"))
+    last = {kind: tmp_path / kind / "synthetic" / "DIFSASRec" / "seed0" / "last.pt" for kind in ("straight", "resumed")}
+    straight, resumed = (torch.load(last[kind], weights_only=True) for kind in ("straight", "resumed"))
     assert len(straight["rng"]) == 2 and straight["world_size"] == 2
     assert not torch.equal(straight["rng"][0]["torch"], straight["rng"][1]["torch"])  # one stream per process
     for part in ("model", "optimizer", "best_model", "rng", "gen"):

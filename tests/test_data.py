@@ -162,7 +162,8 @@ BAD_DATA = {
                            "10\tC\n"}, "d.inter", ["d.item:4:", "'10' appears twice", "line 2"]),
     "timestamp token not a number": ({"d_inter": "user_id:token\titem_id:token\ttimestamp:token\n1\t10\t5\n"
                                       "1\t11\tmonday\n"}, "d.inter", ["d.inter:3:", "'monday' is not a number"]),
-    "empty float timestamp": ({"d_inter": INTER + "1\t10\t1\n1\t11\t\n"}, "d.inter", ["d.inter:3:", "timestamp is empty"]),
+    "empty float timestamp": ({"d_inter": INTER + "1\t10\t1\n1\t11\t\n"}, "d.inter",
+                              ["d.inter:3:", "timestamp is empty"]),
     "infinite timestamp": ({"d_inter": INTER + "1\t10\tinf\n"}, "d.inter", ["d.inter:2:", "finite number"]),
     "timestamp float_seq": ({"d_inter": "user_id:token\titem_id:token\ttimestamp:float_seq\n1\t10\t1 2\n"}, "d.inter",
                             ["d.inter:1:", "timestamp:float_seq"]),
@@ -174,7 +175,8 @@ BAD_DATA = {
     "blank txt": ({"d_txt": "\n\n"}, "d.txt", ["d.txt", "no users"]),
     "header-only inter": ({"d_inter": INTER}, "d.inter", ["d.inter", "no users", "a header and no interaction"]),
     "empty inter": ({"d_inter": ""}, "d.inter", ["d.inter:1:", "empty file"]),
-    "5-core empties the data": ({"d_txt": S3REC}, "d.txt", ["d.txt", "5-core", "found 2 users, 4 items, 8 interactions"]),
+    "5-core empties the data": ({"d_txt": S3REC}, "d.txt",
+                                ["d.txt", "5-core", "found 2 users, 4 items, 8 interactions"]),
     "every user too short": ({"d_txt": "1 10 11\n2 10\n"}, "d.txt", ["d.txt", "leave-one-out", "found 2 users"]),
 }
 
