@@ -10,7 +10,11 @@ Two file formats:
 Protocol (DIF-SR / RecBole): iterative 5-core filter, each history sorted by timestamp with a *stable*
 sort (ties keep file order), chronological leave-one-out (last item = test target, second-to-last =
 validation target), one training sample per prefix (at most ``max_len`` items) or -- the cheaper
-option -- every position of a window trained at once (causal models).
+option -- every position of a window trained at once (causal models). Users with fewer than
+:data:`MIN_LENGTH` (3) interactions, possible only with ``k < 3``, are dropped with a note.
+
+Everything a reader cannot use raises :class:`DataError` naming the file (and line): bytes that are not
+UTF-8, bad headers, bad values, a timestamp that is empty or not a number, a dataset with no users.
 
 Ids after loading: items ``1..num_items`` (0 = padding); each attribute's tokens ``1..V-1`` (0 = padding),
 so ``num_classes[a] = V`` counts the padding token, as RecBole does.
@@ -235,7 +239,7 @@ class Dataset:
 
     @property
     def info(self) -> dict:
-        """What :func:`examples.models.build_model` needs."""
+        """What :func:`dif_attention.models.build_model` needs."""
         return {"num_items": self.num_items, "tables": self.tables, "num_classes": self.num_classes}
 
     def stats(self) -> str:
