@@ -11,9 +11,10 @@ Two invariants run on fewer cases in fp64: every mask form (compact, expanded, `
 same result, and a batch row's result does not depend on the other rows.
 
 NaN / inf poisoning: the inputs the mask makes irrelevant (keys and values no query may attend, queries with
-no allowed key) are set to NaN, inf or -inf; every backend ("torch", "sdpa", "math", "auto", and "triton" where
-it runs) must give the oracle's result on the clean inputs under the same rule, with finite values and
-gradients (``decoupled_attention`` zeroes those inputs before dispatch).
+no allowed key; not the keys of the paper-exact fusions, which read every key of a row) are set to NaN, inf or
+-inf; every backend ("torch", "sdpa", "math", "auto", and "triton" where it runs) must give the oracle's result
+on the clean inputs under the same rule, with finite values and gradients (``decoupled_attention`` zeroes those
+inputs before dispatch).
 
 ``DIF_PROPERTY_EXAMPLES`` sets the number of cases per fast path (default 200; CI-sized). A longer run,
 ``DIF_PROPERTY_EXAMPLES=1000 python -m pytest tests/test_properties.py``, takes about 10 minutes on 2 cores.
@@ -23,9 +24,8 @@ from __future__ import annotations
 import copy
 import os
 
-import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dif_attention import ConcatFusion, GateFusion, causal_mask, decoupled_attention, lengths_mask
@@ -226,8 +226,10 @@ def allowed_4d(mask, is_causal, n):
 def poison(tensors, case, mask, is_causal, value):
     """``value`` exactly where the mask makes an input irrelevant: the keys and values of key positions no query
     may attend, the queries of rows with no allowed key. A batch-independent source (batch dim 1) is irrelevant
-    there only when the mask is batch-independent too (a per-batch mask leaves it needed by some row)."""
+    there only when the mask is batch-independent too (a per-batch mask leaves it needed by some row); the keys
+    of a paper-exact fusion (``-L``) never are (it reads every key of a row, masked or not)."""
     s, n = len(case["widths"]), case["n"]
+    keys_read = case["fusion"].endswith("-L")
     allowed = allowed_4d(mask, is_causal, n)
     dead_key = ~allowed.any(-2).unsqueeze(-1)  # (b|1, h|1, n, 1)
     dead_row = ~allowed.any(-1, keepdim=True)
@@ -237,7 +239,8 @@ def poison(tensors, case, mask, is_causal, value):
             return t.detach().clone().requires_grad_()
         return t.detach().masked_fill(dead.expand(t.shape[0], t.shape[1], n, 1), value).requires_grad_()
 
-    out = [fill(q, dead_row) for q in tensors[:s]] + [fill(t, dead_key) for t in tensors[s:]]
+    keys = [t.detach().clone().requires_grad_() if keys_read else fill(t, dead_key) for t in tensors[s:2 * s]]
+    out = [fill(q, dead_row) for q in tensors[:s]] + keys + [fill(tensors[2 * s], dead_key)]
     poisoned = sum(int((~torch.isfinite(t)).sum()) for t in out)
     return out, poisoned
 
@@ -267,6 +270,8 @@ def test_poisoning_reaches_every_kind_of_irrelevant_position():
     assert poisoned > 0
     assert bad[0].isnan().any() and bad[2].isnan().any() and bad[4].isnan().any()  # a query, a key, the value
     assert not bad[1].isnan().any() and not bad[3].isnan().any()  # the batch-independent source is left alone
+    exact, _ = poison(low, dict(case, fusion="gate-L"), mask, is_causal, float("nan"))
+    assert exact[0].isnan().any() and not exact[2].isnan().any() and exact[4].isnan().any()  # keys all read
 
 
 def fp64_case(case):
@@ -287,7 +292,6 @@ def test_mask_forms_are_equivalent(case):
     same result on every path (the fast paths special-case compact and causal-only masks)."""
     case = fp64_case(case)
     (t, f, _), _, mask, is_causal = build(case)
-    assume(not shared_key_under_length_bound_fusion(case, mask is not None))  # the strict xfail below
     b, h, n = case["b"], case["h"], case["n"]
     explicit = torch.ones(b, h, n, n, dtype=torch.bool, device=DEVICE)
     if mask is not None:
@@ -307,8 +311,6 @@ def test_batch_rows_are_independent(case):
     case = fp64_case(case)
     (t, f, _), _, mask, is_causal = build(case)
     s, b = len(case["widths"]), case["b"]
-    per_batch = mask is not None and mask.ndim == 4 and mask.shape[0] > 1
-    assume(not shared_key_under_length_bound_fusion(case, per_batch))  # known to fail: the strict xfail below
 
     def row(x, r):
         return x if x.shape[0] == 1 else x[r:r + 1]
@@ -321,28 +323,3 @@ def test_batch_rows_are_independent(case):
             alone = forward(backend, single, f, m, is_causal, dict(case, b=1))
             torch.testing.assert_close(full[r:r + 1], alone, msg=lambda e: f"[{backend}] row {r}: {e}")
 
-
-def shared_key_under_length_bound_fusion(case, per_batch_mask: bool) -> bool:
-    """A paper-exact fusion (it reads every score of a row, masked keys included), a batch-independent key
-    source and a per-batch mask: the case the xfail below documents."""
-    return (case["fusion"].endswith("-L") and any(k for _, k in case["shared"]) and per_batch_mask
-            and case["b"] > 1)
-
-
-@pytest.mark.xfail(strict=True, reason="decoupled_attention zeroes the keys no query attends before the fusion, "
-                   "except those of a batch-independent source under a per-batch mask; a paper-exact fusion reads "
-                   "those keys' scores, so a row alone (batch 1) differs from the same row in a batch, and a "
-                   "compact mask from its expansion to (b, h, n, n)")
-def test_length_bound_fusion_with_a_shared_key_is_row_and_mask_form_independent():
-    case = {"b": 2, "h": 1, "n": 3, "widths": [1, 1], "ev": 1, "shared": [(False, False), (False, True)],
-            "mask": "padding", "mask_shape": "nn", "fusion": "concat-L", "scale": None, "dtype": torch.float64,
-            "seed": 0}
-    (t, f, _), _, mask, is_causal = build(case)
-    assert shared_key_under_length_bound_fusion(case, mask.shape[0] > 1)
-    full = forward("torch", t, f, mask, is_causal, case)
-    expanded = mask.expand(case["b"], case["h"], case["n"], case["n"])
-    torch.testing.assert_close(forward("torch", t, f, expanded, is_causal, case), full)
-    for r in range(case["b"]):
-        alone = forward("torch", [x if x.shape[0] == 1 else x[r:r + 1] for x in t], f, mask[r:r + 1], is_causal,
-                        dict(case, b=1))
-        torch.testing.assert_close(full[r:r + 1], alone)
