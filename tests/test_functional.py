@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from dif_attention import (ConcatFusion, DIFError, GateFusion, causal_mask, decoupled_attention, lengths_mask,
                            reference_attention)
 from helpers import FUSIONS, MASKS, make_fusion, make_inputs, make_mask
-from precision import assert_all_within, assert_within
+from precision import RATIO, assert_within, max_err
 
 
 def loop_attention(qs, ks, v, allowed, scale):
@@ -390,14 +390,27 @@ def test_fewer_queries_are_reported_by_the_kernels():
 
 # hypothesis: random problems with fewer queries than keys against the fp64 full computation (precision.py's rule)
 FEWER_EXAMPLES = max(int(os.environ.get("DIF_PROPERTY_EXAMPLES", "200")) // 4, 1)
+#: gradient floors (ulps of max(1, |ref|)) of the property below: about 3x the largest need measured over 4500
+#: random cases of it (fp32 130, on the fusion parameters' gradient, a sum over every score with cancellation whose
+#: rounding follows the summands, not the result; fp16 12; bf16 18). Values keep precision.py's floors (largest
+#: need: fp32 6, fp16 2.5, bf16 2).
+GRAD_FLOOR_ULPS = {torch.float32: 400.0, torch.float16: 36.0, torch.bfloat16: 56.0}
+
+
+def _grad_within(name, fast, oracle, ref, dtype):
+    assert fast.shape == ref.shape and bool(torch.isfinite(fast).all()), name
+    scale = max(1.0, ref.detach().abs().max().item() if ref.numel() else 0.0)
+    bound = RATIO * max_err(oracle, ref) + GRAD_FLOOR_ULPS[dtype] * torch.finfo(dtype).eps * scale
+    assert max_err(fast, ref) <= bound, (f"{name} ({dtype}): error {max_err(fast, ref):.3g} vs fp64 exceeds "
+                                         f"{RATIO}x the oracle's {max_err(oracle, ref):.3g} + floor ({bound:.3g})")
 
 
 @st.composite
 def fewer_query_cases(draw):
-    n_k = draw(st.integers(1, 9))
+    n_k = draw(st.integers(2, 9))
     sources = draw(st.integers(1, 4))
     return dict(
-        b=draw(st.integers(1, 3)), h=draw(st.integers(1, 3)), n_k=n_k, n_q=draw(st.integers(1, n_k)),
+        b=draw(st.integers(1, 3)), h=draw(st.integers(1, 3)), n_k=n_k, n_q=draw(st.integers(1, n_k - 1)),
         widths=[draw(st.integers(1, 9)) for _ in range(sources)], ev=draw(st.integers(1, 9)),
         shared=[draw(st.booleans()) if draw(st.integers(0, 2)) == 0 else False for _ in range(sources)],
         mask=draw(st.sampled_from(["none", "causal", "padding", "causal+padding", "random", "random+causal"])),
@@ -455,8 +468,9 @@ def _fewer_run(case, tensors, fusion, mask, is_causal, grad_out, backend, rows):
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(case=fewer_query_cases())
 def test_fewer_queries_property(case):
-    """Every backend on the last n_q queries vs the fp64 full computation's last rows, within 2x the oracle's own
-    error at the case's dtype (values and every gradient); rows with no allowed key are exactly zero."""
+    """Every backend on the last n_q < n_k queries vs the fp64 full computation's last rows, within 2x the oracle's
+    own error at the case's dtype plus a floor (values and every gradient); rows with no allowed key are exactly
+    zero. (n_q == n_k is tests/test_properties.py's.)"""
     qs, ks, v, mask, is_causal, fusion, grad_out = _fewer_case_inputs(case)
     dtype = case["dtype"]
 
@@ -481,7 +495,8 @@ def test_fewer_queries_property(case):
         out, grads = _fewer_run(case, low, f_low, mask, is_causal, g_low, backend, nq)
         assert out.dtype == dtype
         assert_within(f"[{backend}] out", out, oracle, ref, dtype)
-        assert_all_within([f"[{backend}] {n}" for n in names[1:]], grads, oracle_grads, ref_grads, dtype)
+        for name, g, o, r in zip(names[1:], grads, oracle_grads, ref_grads):
+            _grad_within(f"[{backend}] {name}", g, o, r, dtype)
         assert not bool(out[empty].any()), f"[{backend}] rows with no allowed key must give exactly 0"
 
 
