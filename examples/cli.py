@@ -118,6 +118,8 @@ def parser(description: str, models: list[str], defaults: dict | None = None) ->
     p.add_argument("--threads", type=threads, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--results", default=None, help="write the table to RESULTS.md and RESULTS.json "
                    "(default runs/<dataset>/<script>-results)")
+    p.add_argument("--config", default=None, help="a JSON file of settings (examples/tune.py's best.json: its "
+                   "train and model_settings, and its attributes); flags given still win")
     train = p.add_argument_group("training (TrainConfig)")
     base = dataclasses.replace(TrainConfig(), **{k: v for k, v in defaults.items() if k in TRAIN_FIELDS})
     for f in dataclasses.fields(TrainConfig):
@@ -148,6 +150,11 @@ def config_from_args(args) -> tuple[TrainConfig, dict]:
         preset = paper_config(Path(str(args.dataset)).name)
         cfg = dataclasses.replace(cfg, **{k: v for k, v in preset.items() if k in TRAIN_FIELDS})
         model.update({k: v for k, v in preset.items() if k not in TRAIN_FIELDS})
+    if getattr(args, "config", None):
+        from tune import load_config  # tune imports this module: import at call time
+        train, settings = load_config(args.config)
+        cfg = dataclasses.replace(cfg, **train)
+        model.update(settings)
     given = {name: getattr(args, name) for name in list(TRAIN_FIELDS) + list(MODEL_FLAGS)
              if getattr(args, name, None) is not None}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in given.items() if k in TRAIN_FIELDS})
@@ -163,7 +170,10 @@ def setting_message(err: SettingError) -> str:
 def settings_from_args(p: argparse.ArgumentParser, args, models=None) -> tuple[TrainConfig, dict]:
     """``config_from_args``, checked (:func:`train.check_settings` with the models ``models``, default
     ``args.models``): a bad value ends the program with one line naming its flag."""
-    cfg, model = config_from_args(args)
+    try:
+        cfg, model = config_from_args(args)
+    except RunError as err:  # an unreadable --config
+        p.error(str(err))
     try:
         check_settings(cfg, model, args.models if models is None else models)
     except SettingError as err:
@@ -218,6 +228,9 @@ def compare(p: argparse.ArgumentParser, args, script: str) -> list[dict]:
     with user_errors(p):
         rank, world = dist_info()
         dataset = load_dataset(args.dataset, data=args.data)
+        if getattr(args, "config", None):
+            from tune import read_config, with_attributes
+            dataset = with_attributes(dataset, read_config(args.config)["attributes"])
         for seed in seeds:
             for name in models:
                 preflight(dataset, name, dataclasses.replace(cfg, seed=seed), model)

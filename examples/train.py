@@ -48,6 +48,7 @@ import time
 import typing
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -563,7 +564,8 @@ def prepare_model(dataset, model_name: str, cfg: TrainConfig, model_config: dict
     return core, inputs, targets
 
 
-def run(dataset, model_name: str, cfg: TrainConfig, model_config: dict | None = None) -> dict:
+def run(dataset, model_name: str, cfg: TrainConfig, model_config: dict | None = None, *,
+        on_eval: Callable[[int, dict], None] | None = None) -> dict:
     """Train ``model_name`` (built with the settings ``model_config``) on ``dataset`` with early stopping,
     restore the best checkpoint, test it. Returns (and writes to ``<run dir>/result.json``) the configs,
     metrics and timings; ``best.pt`` is written with ``dif_attention.models.save_model``.
@@ -572,6 +574,8 @@ def run(dataset, model_name: str, cfg: TrainConfig, model_config: dict | None = 
     before any work. ``last.pt`` is written at every epoch end and every ``cfg.checkpoint_every`` steps; with
     ``cfg.resume`` the run continues from it exactly (weights, optimiser, every random stream, the position in
     the epoch): a run killed at any step and resumed ends bit-identical to an uninterrupted one.
+    ``on_eval(epoch, metrics)`` is called after each validation with its metrics (e.g. an Optuna pruner); an
+    exception it raises ends the run and propagates.
     """
     check_settings(cfg, model_config, [model_name])
     if model_name in ATTRIBUTE_MODELS:
@@ -689,6 +693,8 @@ def run(dataset, model_name: str, cfg: TrainConfig, model_config: dict | None = 
             metrics = evaluate(core, *valid, batch_size=cfg.eval_batch_size, rank=rank, world=world,
                                trim=not getattr(core, "length_bound", False))
             record.update(valid=metrics, eval_seconds=time.perf_counter() - t1)
+            if on_eval is not None:
+                on_eval(epoch, metrics)
             if metrics["NDCG@10"] > state["best"]:
                 state.update(best=metrics["NDCG@10"], best_epoch=epoch, bad=0, time_to_best=state["train_seconds"])
                 best_state = {k: v.detach().clone() for k, v in core.state_dict().items()}

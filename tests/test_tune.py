@@ -131,3 +131,21 @@ def test_load_config_refuses_unknown_settings(tmp_path):
         tune.load_config(path)
     path.write_text(json.dumps({"model": "SASRec", "train": {"lr": 1e-3}, "model_settings": {"dim": 32}}))
     assert tune.load_config(path) == ({"lr": 1e-3}, {"dim": 32})
+
+
+def test_entry_points_read_the_best_config_back(tmp_path):
+    """``sasrec.py --config best.json`` trains with the searched settings (flags given still win)."""
+    import sasrec
+    txt = write_s3rec(tmp_path)
+    out = tmp_path / "tune"
+    res = tune.main(["--dataset", str(txt), "--models", "DIFSASRec", "--out", str(out), "--out-dir",
+                     str(tmp_path / "runs"), "--trials", "1", "--final", "false", *SMALL])["DIFSASRec"]
+    train, settings = tune.load_config(res["paths"]["config"])
+    runs = sasrec.main(["--dataset", str(txt), "--models", "DIFSASRec", "--config", str(res["paths"]["config"]),
+                        "--epochs", "1", "--out-dir", str(tmp_path / "runs2"), "--progress", "false", "--log", "false",
+                        "--results", str(tmp_path / "s")])
+    used = runs[0]
+    assert used["config"]["lr"] == train["lr"] and used["config"]["lamb"] == train["lamb"]
+    assert used["config"]["epochs"] == 1  # the flag wins over the file
+    assert {k: used["model_config"][k] for k in ("layers", "heads", "attr_dim", "fusion")} == \
+        {k: settings[k] for k in ("layers", "heads", "attr_dim", "fusion")}
