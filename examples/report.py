@@ -9,6 +9,7 @@ Usage::
 Useful when seeds ran as separate processes (one per core); rows are mean ± std over the seeds found.
 """
 import json
+import sys
 from pathlib import Path
 
 from cli import Parser, seed_list, table, user_errors
@@ -65,6 +66,8 @@ def main(argv=None):
     p.add_argument("--models", default=None, help="comma-separated run folders (default: all)")
     p.add_argument("--seeds", type=seed_list, default=None, help="comma-separated seeds (default: all)")
     p.add_argument("--curves", default=None, help="also plot the validation NDCG@10 curves to this PNG")
+    p.add_argument("--results", default=None, help="also write RESULTS.md (the table) and RESULTS.json (each run's "
+                   "model, seed, settings, test metrics, epochs and training time)")
     args = p.parse_args(argv)
     models = [m for m in args.models.split(",") if m] if args.models else None
     with user_errors(p):
@@ -76,7 +79,23 @@ def main(argv=None):
     print(md + f"\n\n{len(results)} runs, {total:.0f} s of training in total.")
     if args.curves:
         plot_curves(results, names, args.curves)
+    if args.results:
+        write_results(Path(args.results), results, names, md)
     return md
+
+
+def write_results(base: Path, results: list[dict], names: list[str], md: str) -> None:
+    """``base.md``: the table and how it was made; ``base.json``: one record per run (no per-epoch history)."""
+    base.parent.mkdir(parents=True, exist_ok=True)
+    command = "python " + " ".join(sys.argv)
+    runs = [{k: r.get(k) for k in ("model", "dataset", "seed", "config", "model_config", "test", "epochs",
+                                   "best_epoch", "best_valid_ndcg10", "train_seconds", "time_to_best_seconds",
+                                   "seconds_per_epoch", "parameters")} for r in results]
+    text = (f"{md}\n\nTest metrics of each run's best-validation-NDCG@10 checkpoint (mean ± sample std over "
+            f"seeds). Table: `{command}`.\n")
+    base.with_suffix(".md").write_text(text)
+    base.with_suffix(".json").write_text(json.dumps({"command": command, "models": names, "runs": runs}, indent=1))
+    print(f"wrote {base.with_suffix('.md')} and {base.with_suffix('.json')}")
 
 
 if __name__ == "__main__":

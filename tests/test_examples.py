@@ -105,5 +105,8 @@ def test_breakdown_reproduces_the_test_metric(tmp_path, capsys):
         assert len(row.split("|")) == 3 + (len(breakdown.EDGES) - 1) + 2  # model, seeds, buckets, all
     import report
     png = tmp_path / "curves.png"
-    md = report.main([str(tmp_path / "runs" / "toy"), "--curves", str(png)])
+    md = report.main([str(tmp_path / "runs" / "toy"), "--curves", str(png), "--results", str(tmp_path / "r")])
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert {r["model"] for r in saved["runs"]} == {"SASRec", "DIFSASRec"} and (tmp_path / "r.md").read_text().startswith(md)
+    assert all(set(r["test"]) == {"Recall@10", "Recall@20", "NDCG@10", "NDCG@20"} and r["config"] for r in saved["runs"])
     assert "| DIFSASRec | 1 |" in md and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
