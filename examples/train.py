@@ -197,7 +197,7 @@ MODEL_RULES = {
     "ff_dim": (lambda v: v is None or (_is_int(v) and v >= 1), "an int >= 1 (or none: 4 x dim)"),
     "backend": _one_of(CHOICES["backend"]), "pooling": _one_of(CHOICES["pooling"]), "trainable_attributes": _BOOL,
     "attr_init_std": _NON_NEGATIVE, "aap": _BOOL, "attr_dim": _at_least(1), "fusion": _one_of(CHOICES["fusion"]),
-    "exact_fusion": _BOOL,
+    "exact_fusion": _BOOL, "input_fusion": _BOOL,
 }
 
 

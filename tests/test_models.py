@@ -118,3 +118,25 @@ def test_load_model_refuses_bad_files(tmp_path):
                         (foreign, "not a dif-attention model file")):
         with pytest.raises(DIFError, match=str(path).replace(".", r"\.") + ": " + match):
             load_model(path)
+
+
+def test_input_fusion_puts_the_attributes_into_the_item_stream():
+    """DIF's item stream has no attribute content (only the scores do); with input_fusion=True it has: two items
+    that differ only in their attributes get different inputs, and the model stays a DIF model."""
+    ds = synthetic()
+    tables = {"residue": ds.tables["residue"].clone()}
+    plain = build_model("DIFSASRec", num_items=ds.num_items, item_tables=tables, num_classes=ds.num_classes,
+                        **SMALL).eval()
+    fused = build_model("DIFSASRec", num_items=ds.num_items, item_tables=tables, num_classes=ds.num_classes,
+                        input_fusion=True, **SMALL).eval()
+    assert fused.config()["input_fusion"] and not plain.config()["input_fusion"]
+    ids = torch.tensor([[1, 2, 3]])
+    x_plain, side = plain.inputs(ids)
+    x_fused, _ = fused.inputs(ids)
+    swapped = {"residue": tables["residue"].clone()}
+    swapped["residue"][1] = tables["residue"][2]  # item 1 takes item 2's attributes
+    fused.attr_emb.register_buffer("items_residue", swapped["residue"], persistent=False)
+    plain.attr_emb.register_buffer("items_residue", swapped["residue"], persistent=False)
+    assert not torch.allclose(fused.inputs(ids)[0][0, 0], x_fused[0, 0])  # the item stream moved
+    torch.testing.assert_close(plain.inputs(ids)[0], x_plain)  # DIF's item stream ignores attributes
+    assert set(side) == {"attrs", "pos"}

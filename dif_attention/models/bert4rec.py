@@ -39,10 +39,10 @@ class DIFBERT4Rec(DIFMixin, BERT4Rec):
 
     def __init__(self, *, item_tables: Mapping[str, Tensor], num_classes: Mapping[str, int], attr_dim: int = 64,
                  fusion: str = "gate", exact_fusion: bool = False, pooling: str = "sum",
-                 trainable_attributes: bool = True, attr_init_std: float = 0.02, **kw):
+                 trainable_attributes: bool = True, attr_init_std: float = 0.02, input_fusion: bool = False, **kw):
         super().__init__(**kw)
         del self.encoder  # BERT4Rec's stock encoder: built (its init draws are part of the seeded stream), replaced
         self._build_dif(item_tables=item_tables, num_classes=num_classes, attr_dim=attr_dim, fusion=fusion,
                         exact_fusion=exact_fusion, pooling=pooling, trainable_attributes=trainable_attributes,
-                        attr_init_std=attr_init_std, extra_items=1)
+                        attr_init_std=attr_init_std, input_fusion=input_fusion, extra_items=1)
         init_weights(self)

@@ -119,12 +119,16 @@ class DIFMixin:
 
     ``fusion``: ``"add"``, ``"concat"`` or ``"gate"`` (the DIF-SR configs'); ``exact_fusion=True`` takes the
     paper-exact variant tied to ``max_len`` (it reads the whole padded row, so only prefix-mode training at
-    length ``max_len`` is exact); the default is the length-agnostic, causal-safe one."""
+    length ``max_len`` is exact); the default is the length-agnostic, causal-safe one.
+
+    ``input_fusion=True`` (not DIF-SR; off by default): the attributes also enter the item stream, as SASRecF's
+    do, ``Linear([E_item, f_1, ..., f_F])`` before the LayerNorm, so the values carry them too; the decoupled
+    scores are unchanged. A hybrid of early and decoupled fusion."""
 
     has_aap = True
 
     def _build_dif(self, *, item_tables, num_classes, attr_dim, fusion, exact_fusion, pooling,
-                   trainable_attributes, attr_init_std, extra_items=0):
+                   trainable_attributes, attr_init_std, input_fusion=False, extra_items=0):
         self.item_tables, self.num_classes = check_item_tables(item_tables, num_classes, self.num_items)
         if fusion not in FUSIONS:  # a name, not a module: the model must rebuild from its config
             fail("fusion", f"one of {FUSIONS} (exact_fusion=True selects the paper-exact variant)", repr(fusion))
@@ -140,6 +144,9 @@ class DIFMixin:
                                         max_len=self.max_len if exact_fusion and fusion != "add" else None,
                                         position=True, **self.enc_kwargs)
         self.predictor = AttributePredictor(self.dim, self.num_classes)
+        self.input_fusion = bool(input_fusion)
+        if self.input_fusion:  # built last: the default model's seeded init is unchanged
+            self.item_fuse = InputFusion(self.dim, attr_dims=dims, combine="concat")
 
     @property
     def length_bound(self) -> bool:
@@ -149,8 +156,11 @@ class DIFMixin:
     def inputs(self, ids: Tensor, positions: Tensor | None = None) -> tuple[Tensor, dict]:
         """The item stream ``(b, n, dim)`` and the raw side inputs of every layer's decoupled attention: the
         attributes of the items and the position embedding (``(n, dim)``, or ``(b, n, dim)`` at ``positions``)."""
-        x = self.in_drop(self.in_norm(self.item_emb(ids)))
-        return x, {"attrs": self.attr_emb(items=ids), "pos": self.position_embedding(ids, positions)}
+        attrs = self.attr_emb(items=ids)
+        e = self.item_emb(ids)
+        if self.input_fusion:
+            e = self.item_fuse(e, attrs=attrs)
+        return self.in_drop(self.in_norm(e)), {"attrs": attrs, "pos": self.position_embedding(ids, positions)}
 
     def attribute_logits(self, h: Tensor) -> dict[str, Tensor]:
         return self.predictor(h)
@@ -161,9 +171,9 @@ class DIFSASRec(DIFMixin, SequenceModel):
 
     def __init__(self, *, item_tables: Mapping[str, Tensor], num_classes: Mapping[str, int], attr_dim: int = 64,
                  fusion: str = "gate", exact_fusion: bool = False, pooling: str = "sum",
-                 trainable_attributes: bool = True, attr_init_std: float = 0.02, **kw):
+                 trainable_attributes: bool = True, attr_init_std: float = 0.02, input_fusion: bool = False, **kw):
         super().__init__(**kw)
         self._build_dif(item_tables=item_tables, num_classes=num_classes, attr_dim=attr_dim, fusion=fusion,
                         exact_fusion=exact_fusion, pooling=pooling, trainable_attributes=trainable_attributes,
-                        attr_init_std=attr_init_std)
+                        attr_init_std=attr_init_std, input_fusion=input_fusion)
         init_weights(self)
