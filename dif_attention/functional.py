@@ -88,6 +88,7 @@ class ScoreMaps:
         return iter(self.keys())
 
     def keys(self) -> list[str]:
+        """The names ``maps[name]`` takes: the sources, then ``fused``, ``probs`` (and ``gates``)."""
         return list(self.sources) + ["fused", "probs"] + (["gates"] if self.gates is not None else [])
 
 

@@ -102,9 +102,13 @@ class Fusion(nn.Module):
     _needs_sources = False
 
     def combine(self, scores: list[Tensor], allowed: Tensor | None) -> Tensor:  # pragma: no cover
+        """The oracle face: raw per-source scores ``(b|1, h, n, n)`` -> fused raw scores ``(b, h, n, n)``."""
         raise NotImplementedError
 
-    def fold(self, queries: list[Tensor], keys: list[Tensor], allowed: Tensor | None):  # pragma: no cover
+    def fold(self, queries: list[Tensor], keys: list[Tensor],
+             allowed: Tensor | None) -> tuple[list[Tensor], list[Tensor], Tensor | None]:  # pragma: no cover
+        """The fast face: ``(queries', keys', key_bias)`` with ``sum_s q'_s k'_s^T + key_bias`` the fused raw
+        scores (``key_bias``: ``(n,)`` or ``None``)."""
         raise NotImplementedError
 
     def weights(self, scores: list[Tensor], allowed: Tensor | None) -> Tensor | None:
@@ -115,13 +119,15 @@ class Fusion(nn.Module):
 class AddFusion(Fusion):
     """``S = sum_s S_s``: the paper's ``sum`` fusion. No parameters, any ``n``."""
 
-    def combine(self, scores, allowed):
+    def combine(self, scores: list[Tensor], allowed: Tensor | None) -> Tensor:
+        """``sum_s S_s``."""
         out = scores[0]
         for s in scores[1:]:
             out = out + s
         return out
 
-    def fold(self, queries, keys, allowed):
+    def fold(self, queries: list[Tensor], keys: list[Tensor], allowed: Tensor | None) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
+        """The sources as they are: one attention over their concatenation is their sum."""
         return list(queries), list(keys), None
 
 
@@ -155,7 +161,8 @@ class ConcatFusion(Fusion):
         if num_sources is not None:
             self.bind(num_sources)
 
-    def bind(self, num_sources):
+    def bind(self, num_sources: int) -> "ConcatFusion":
+        """Create the per-source weights (default) or the ``Linear(s*L -> L)`` map (paper-exact)."""
         if self.num_sources is None:
             self.num_sources = num_sources
             if self.max_len is None:
@@ -166,7 +173,8 @@ class ConcatFusion(Fusion):
                 nn.init.zeros_(self.proj.bias)
         return super().bind(num_sources)
 
-    def combine(self, scores, allowed):
+    def combine(self, scores: list[Tensor], allowed: Tensor | None) -> Tensor:
+        """``sum_s w_s S_s`` (default) or the paper's ``Linear`` over each row's concatenated source rows."""
         if self.max_len is None:
             out = scores[0] * self.weight[0]
             for w, s in zip(self.weight[1:], scores[1:]):
@@ -176,7 +184,8 @@ class ConcatFusion(Fusion):
         # at the scores' dtype (float16 inputs have float32 scores): the parameters cast, the module untouched
         return nn.functional.linear(rows, self.proj.weight.to(rows.dtype), self.proj.bias.to(rows.dtype))
 
-    def fold(self, queries, keys, allowed):
+    def fold(self, queries: list[Tensor], keys: list[Tensor], allowed: Tensor | None) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
+        """``q'_s = w_s q_s`` (default); ``k'_s = W_s K_s`` and the key bias ``c`` (paper-exact)."""
         if self.max_len is None:
             return [w * q for w, q in zip(self.weight, queries)], list(keys), None
         L = self.max_len
@@ -221,7 +230,8 @@ class GateFusion(Fusion):
         if num_sources is not None:
             self.bind(num_sources)
 
-    def bind(self, num_sources):
+    def bind(self, num_sources: int) -> "GateFusion":
+        """Create the per-source energy bias of the default gate."""
         if self.num_sources is None:
             self.num_sources = num_sources
             if self.max_len is None:
@@ -242,7 +252,7 @@ class GateFusion(Fusion):
         energies = [self._mlp(r) for r in rows]  # each (b|1, h, n, 1)
         return torch.cat(torch.broadcast_tensors(*energies), dim=-1).softmax(-1)  # (b, h, n, s)
 
-    def gates(self, queries, keys, allowed) -> Tensor:
+    def gates(self, queries: list[Tensor], keys: list[Tensor], allowed: Tensor | None) -> Tensor:
         """Gate weights ``(b, h, n, s)`` (rows sum to 1), from queries/keys.
 
         For float16/bfloat16 inputs the row statistics, the MLP and the softmax over sources run in
@@ -261,21 +271,23 @@ class GateFusion(Fusion):
             return e.softmax(-1)
         return self._gates_from_rows([q @ k.transpose(-1, -2) for q, k in zip(queries, keys)])
 
-    def weights(self, scores, allowed):
+    def weights(self, scores: list[Tensor], allowed: Tensor | None) -> Tensor:
         """The gates ``(b, h, n, s)`` from materialised raw scores (the oracle twin of :meth:`gates`)."""
         if self.max_len is None:
             m = _masked_row_mean_scores(scores, allowed)
             return (self._mlp(m.unsqueeze(-1)).squeeze(-1) + self.source_bias).softmax(-1)
         return self._gates_from_rows(scores)
 
-    def combine(self, scores, allowed):
+    def combine(self, scores: list[Tensor], allowed: Tensor | None) -> Tensor:
+        """``sum_s g_s(i) S_s(i, :)`` with the gates of :meth:`weights`."""
         g = self.weights(scores, allowed)
         out = g[..., 0:1] * scores[0]
         for s in range(1, len(scores)):
             out = out + g[..., s:s + 1] * scores[s]
         return out
 
-    def fold(self, queries, keys, allowed, *, gates: Tensor | None = None):
+    def fold(self, queries: list[Tensor], keys: list[Tensor], allowed: Tensor | None, *,
+             gates: Tensor | None = None) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
         """``gates``: precomputed gate weights ``(b|1, h, n, s)`` (the fused kernels compute the paper gate's
         without materialising score rows); default :meth:`gates`."""
         g = self.gates(queries, keys, allowed) if gates is None else gates

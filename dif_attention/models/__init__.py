@@ -79,7 +79,7 @@ def save_model(model: SequenceModel, path: "str | os.PathLike") -> Path:
     return path
 
 
-def load_model(path: "str | os.PathLike", *, map_location=None) -> SequenceModel:
+def load_model(path: "str | os.PathLike", *, map_location: "str | torch.device | None" = None) -> SequenceModel:
     """A model written by :func:`save_model`, in eval mode (``torch.load(weights_only=True)``: a checkpoint
     cannot run code). A truncated, foreign or corrupted file raises ``DIFError`` naming it."""
     path = Path(path)

@@ -119,6 +119,7 @@ class SequenceModel(Servable, nn.Module):
         return padding_mask(ids)
 
     def positions(self, n: int) -> Tensor:
+        """The position table's first ``n`` rows ``(n, dim)`` (at most ``max_len``)."""
         if n > self.max_len:
             fail("ids", f"at most max_len={self.max_len} positions", f"{n} positions")
         return self.pos_emb.weight[:n]  # (n, dim)

@@ -14,13 +14,20 @@ Tests on CPU: set ``TRITON_INTERPRET=1`` before this package's kernels are first
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Sequence
+
+from torch import Tensor
+
 from .launch import MAX_WIDTH, attention, available, interpreted, unsupported_reasons
+
+if TYPE_CHECKING:
+    from ..fusion import GateFusion
 
 __all__ = ["available", "interpreted", "unsupported_reasons", "attention", "paper_gates", "dropout_keep_mask",
            "MAX_WIDTH"]
 
 
-def paper_gates(queries, keys, fusion):
+def paper_gates(queries: Sequence[Tensor], keys: Sequence[Tensor], fusion: "GateFusion") -> Tensor:
     """Gate weights ``(b|1, h, n, s)`` of a paper-exact ``GateFusion(max_len=n)``, the energies from the fused
     kernel (no ``(b, h, n, n)`` score row per source in the forward)."""
     from .gate_op import paper_gates as _impl
@@ -28,7 +35,7 @@ def paper_gates(queries, keys, fusion):
     return _impl(list(queries), list(keys), fusion)
 
 
-def dropout_keep_mask(seed, b: int, h: int, n: int, dropout_p: float):
+def dropout_keep_mask(seed: Tensor, b: int, h: int, n: int, dropout_p: float) -> Tensor:
     """The keep pattern the kernels use for integer ``seed`` as a bool ``(b, h, n, n)`` tensor on
     ``seed``'s device (pass a ``(1,)`` int64 tensor) -- True = kept (scaled by ``1/(1-p)``)."""
     from .attention_op import dropout_keep_mask as _impl

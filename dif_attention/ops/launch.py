@@ -12,6 +12,8 @@ This module imports only the ground floor (errors, masks, fusion); it never call
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import Tensor
 
@@ -52,7 +54,8 @@ def available() -> bool:
     return _triton_installed() and (torch.cuda.is_available() or interpreted())
 
 
-def unsupported_reasons(queries, keys, value, *, fusion: "str | Fusion" = "add") -> list[str]:
+def unsupported_reasons(queries: Sequence[Tensor], keys: Sequence[Tensor], value: Tensor, *,
+                        fusion: "str | Fusion" = "add") -> list[str]:
     """Why the fused kernels cannot run this case (empty list: they can). The dispatcher falls back to
     SDPA under ``backend="auto"`` and raises ``DIFError`` listing these under ``backend="triton"``."""
     if not _triton_installed():
