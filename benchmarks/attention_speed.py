@@ -105,8 +105,8 @@ def main(argv=None):
             med = {prov: statistics.median(t) * 1e3 for prov, t in times.items()}
             for prov in providers:
                 rows.append((n, mode, prov, med[prov], med[prov] / med["vanilla"]))
-    print(f"| n | pass | provider | ms (median) | x vanilla |")
-    print(f"|---|---|---|---|---|")
+    print("| n | pass | provider | ms (median) | x vanilla |")
+    print("|---|---|---|---|---|")
     for n, mode, prov, ms, ratio in rows:
         print(f"| {n} | {mode} | {prov} | {ms:.2f} | {ratio:.2f} |")
     return rows

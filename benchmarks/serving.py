@@ -159,8 +159,8 @@ def main(argv=None) -> dict:
                            "dif_over_sasrec_full_step": by["DIFSASRec"]["step_ms"]["full"]
                            / by["SASRec"]["step_ms"]["full"]})
     lines = [f"command: `{command}`", f"machine: {info}", f"settings: {settings}", "",
-             f"| device | n | model | step full (ms) | step incremental (ms) | x faster | recommend full (users/s) | "
-             f"recommend incremental (users/s) | x faster |",
+             "| device | n | model | step full (ms) | step incremental (ms) | x faster | recommend full (users/s) | "
+             "recommend incremental (users/s) | x faster |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['device']} | {r['n']} | {r['model']} | {r['step_ms']['full']:.2f} | "

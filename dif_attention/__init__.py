@@ -15,7 +15,8 @@ __version__ = "0.1.0"
 __all__ = [
     "AddFusion", "AttributeEmbedding", "AttributePredictor", "ConcatFusion", "DIFError", "DecoupledAttention",
     "DecoupledEncoder", "DecoupledEncoderLayer", "EarlyFusionAttention", "FeedForward", "Fusion", "GateFusion",
-    "InputFusion", "KVCache", "ScoreMaps", "aap_loss", "causal_mask", "decoupled_attention", "fold_sources", "functional",
+    "InputFusion", "KVCache", "ScoreMaps", "aap_loss", "causal_mask", "decoupled_attention", "fold_sources",
+    "functional",
     "get_fusion", "item_attribute_table", "lengths_allowed", "lengths_mask", "multi_hot", "padding_mask",
     "reference_attention", "total_loss",
 ]

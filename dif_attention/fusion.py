@@ -126,7 +126,8 @@ class AddFusion(Fusion):
             out = out + s
         return out
 
-    def fold(self, queries: list[Tensor], keys: list[Tensor], allowed: Tensor | None) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
+    def fold(self, queries: list[Tensor], keys: list[Tensor],
+             allowed: Tensor | None) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
         """The sources as they are: one attention over their concatenation is their sum."""
         return list(queries), list(keys), None
 
@@ -184,7 +185,8 @@ class ConcatFusion(Fusion):
         # at the scores' dtype (float16 inputs have float32 scores): the parameters cast, the module untouched
         return nn.functional.linear(rows, self.proj.weight.to(rows.dtype), self.proj.bias.to(rows.dtype))
 
-    def fold(self, queries: list[Tensor], keys: list[Tensor], allowed: Tensor | None) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
+    def fold(self, queries: list[Tensor], keys: list[Tensor],
+             allowed: Tensor | None) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
         """``q'_s = w_s q_s`` (default); ``k'_s = W_s K_s`` and the key bias ``c`` (paper-exact)."""
         if self.max_len is None:
             return [w * q for w, q in zip(self.weight, queries)], list(keys), None

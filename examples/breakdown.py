@@ -93,7 +93,8 @@ def report(p, args, folder: Path, ds, models: list[str], seeds: list[int]) -> st
             cells.append(float(np.mean(vals)))
         curves[name] = cells
         overall = float(np.mean([m["NDCG@10"].mean() for m in per_seed]))
-        lines.append(f"| {name} | {len(per_seed)} | " + " | ".join("-" if np.isnan(c) else f"{c:.4f}" for c in cells) + f" | {overall:.4f} |")
+        shown = " | ".join("-" if np.isnan(c) else f"{c:.4f}" for c in cells)
+        lines.append(f"| {name} | {len(per_seed)} | {shown} | {overall:.4f} |")
     text = "\n".join(lines) + f"\n\nCommand: `python {' '.join(sys.argv)}`\n"
     print(text)
     if args.png:

@@ -213,7 +213,8 @@ def table(results: list[dict], models: list[str], key: str = "model") -> str:
 
 
 def machine() -> str:
-    return f"{platform.machine()} {platform.system()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    return (f"{platform.machine()} {platform.system()}, {torch.get_num_threads()} torch threads, "
+            f"torch {torch.__version__}")
 
 
 def compare(p: argparse.ArgumentParser, args, script: str) -> list[dict]:
@@ -247,7 +248,8 @@ def compare(p: argparse.ArgumentParser, args, script: str) -> list[dict]:
     if rank != 0:
         return results
     md = table(results, models)
-    command = "python " + " ".join(sys.argv) if world == 1 else f"torchrun --nproc_per_node={world} " + " ".join(sys.argv)
+    launcher = "python" if world == 1 else f"torchrun --nproc_per_node={world}"
+    command = launcher + " " + " ".join(sys.argv)
     header = (f"{dataset.stats()}\n\nTest metrics of the best-validation-NDCG@10 checkpoint, full ranking, "
               f"leave-one-out; mean ± std over seeds {seeds}.\n\n")
     footer = f"\n\nCommand: `{command}`  \nWall time: {wall:.0f} s on {machine()}, {world} process(es).\n"

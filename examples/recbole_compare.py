@@ -172,7 +172,8 @@ def main(argv=None):
     target = rb["best_valid_ndcg10"]
     prefix = measure_ours("prefix", args.epochs, args.seed, target, 2048)
     allpos = measure_ours("all", args.all_epochs or 3 * args.epochs, args.seed, target, 128)
-    machine = f"{platform.machine()} {platform.system()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    machine = (f"{platform.machine()} {platform.system()}, {torch.get_num_threads()} torch threads, "
+               f"torch {torch.__version__}")
     fmt = lambda x: "not reached" if x is None else f"{x:.0f} s"  # noqa: E731
     rows = [("RecBole 1.2.1 SASRec (prefix samples)", rb["samples"], rb["seconds_per_epoch"], 1.0,
              rb["best_valid_ndcg10"], f"{rb['time_to_best']:.0f} s", rb["test"].get("ndcg@10")),

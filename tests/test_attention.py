@@ -1,14 +1,11 @@
-"""DecoupledAttention, the encoder, embeddings and AAP heads."""
+"""DecoupledAttention: backends, score maps, the shared position table, state dicts."""
 import copy
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from dif_attention import (DIFError, AttributeEmbedding, AttributePredictor, ConcatFusion, DecoupledAttention,
-                           DecoupledEncoder, DecoupledEncoderLayer, GateFusion, aap_loss, causal_mask,
-                           item_attribute_table, multi_hot, padding_mask, total_loss)
+from dif_attention import ConcatFusion, DecoupledAttention, GateFusion, causal_mask, padding_mask
 from helpers import FUSIONS
 
 
@@ -105,104 +102,6 @@ def test_position_score_is_computed_once_per_forward():
     m.pos_q.register_forward_hook(lambda mod, inp, out: seen.append(tuple(inp[0].shape)))
     m(x, pos=pos, is_causal=True)
     assert seen == [(9, 32)]
-
-
-@pytest.mark.parametrize("norm_first", [False, True])
-def test_encoder_layer_structure(norm_first):
-    torch.manual_seed(0)
-    layer = DecoupledEncoderLayer(32, 4, attr_dims={"cat": 8}, ff_dim=64, norm_first=norm_first).eval()
-    x, attrs, pos, _ = _inputs(attr_dims={"cat": 8})
-    kw = dict(attrs=attrs, pos=pos, is_causal=True)
-    out = layer(x, **kw)
-    if norm_first:
-        h = x + layer.attn(layer.norm1(x), **kw)
-        want = h + layer.ff(layer.norm2(h))
-    else:
-        h = layer.norm1(x + layer.attn(x, **kw))
-        want = layer.norm2(h + layer.ff(h))
-    torch.testing.assert_close(out, want)
-
-
-def test_encoder_stack_has_independent_layers_and_fusions():
-    enc = DecoupledEncoder(3, 32, 4, attr_dims={"cat": 8}, fusion=GateFusion(max_len=9), ff_dim=64)
-    fusions = [layer.attn.fusion for layer in enc.layers]
-    assert len({id(f) for f in fusions}) == 3
-    x, attrs, pos, ids = _inputs(attr_dims={"cat": 8})
-    out, maps = enc(x, attrs=attrs, pos=pos, mask=padding_mask(ids), is_causal=True, return_scores=True)
-    assert out.shape == x.shape and len(maps) == 3
-    out.sum().backward()
-    assert all(p.grad is not None for p in enc.parameters())
-
-
-def test_attribute_embedding_pooling_and_padding():
-    torch.manual_seed(0)
-    emb = AttributeEmbedding({"cat": 6}, 4, pooling="sum")
-    tok = torch.tensor([[[1, 2, 0], [0, 0, 0], [3, 3, 5]]])  # (b=1, n=3, k=3)
-    out = emb({"cat": tok})["cat"]
-    w = emb.tables["cat"].weight
-    torch.testing.assert_close(out[0, 0], w[1] + w[2])
-    assert out[0, 1].abs().max() == 0
-    torch.testing.assert_close(out[0, 2], 2 * w[3] + w[5])
-    emb.pooling = "mean"
-    torch.testing.assert_close(emb({"cat": tok})["cat"][0, 0], (w[1] + w[2]) / 2)
-    emb.pooling = "max"
-    mx = emb({"cat": tok})["cat"]
-    torch.testing.assert_close(mx[0, 0], torch.maximum(w[1], w[2]))
-    assert mx[0, 1].abs().max() == 0
-    # tables are trainable (the reference's were frozen by accident); the padding row gets no gradient
-    emb.pooling = "sum"
-    emb({"cat": tok})["cat"].sum().backward()
-    g = emb.tables["cat"].weight.grad
-    assert g[1].abs().sum() > 0 and g[0].abs().sum() == 0
-    assert any(p is emb.tables["cat"].weight for p in emb.parameters())
-
-
-def test_attribute_embedding_item_tables():
-    table = item_attribute_table({1: [2, 3], 2: [4], 3: []}, num_items=5)
-    assert table.tolist() == [[0, 0], [2, 3], [4, 0], [0, 0], [0, 0]]
-    emb = AttributeEmbedding({"cat": 6}, 4, item_tables={"cat": table})
-    items = torch.tensor([[1, 2, 0]])
-    torch.testing.assert_close(emb(items=items)["cat"], emb({"cat": table[items]})["cat"])
-    frozen = AttributeEmbedding({"cat": 6}, 4, trainable=False, init_std=1.0)
-    assert not any(p.requires_grad for p in frozen.parameters())
-
-
-def test_aap_loss_matches_hand_computation():
-    torch.manual_seed(0)
-    pred = AttributePredictor(8, {"cat": 5})
-    h = torch.randn(3, 8)
-    logits = pred(h)
-    targets = {"cat": torch.tensor([[1, 3, 0], [2, 0, 0], [4, 4, 1]])}
-    loss = pred.loss(logits, targets)["cat"]
-    y = torch.tensor([[0, 1, 0, 1, 0], [0, 0, 1, 0, 0], [0, 1, 0, 0, 1]], dtype=torch.float)
-    lg = logits["cat"]
-    want = -(y * F.logsigmoid(lg) + (1 - y) * F.logsigmoid(-lg))[:, 1:].mean()
-    torch.testing.assert_close(loss, want)
-    torch.testing.assert_close(multi_hot(targets["cat"], 5), y)
-    valid = torch.tensor([True, False, True])
-    torch.testing.assert_close(aap_loss(logits, targets, valid=valid)["cat"],
-                               -(y * F.logsigmoid(lg) + (1 - y) * F.logsigmoid(-lg))[valid][:, 1:].mean())
-    item = torch.tensor(2.0)
-    torch.testing.assert_close(total_loss(item, {"cat": loss}, lamb=10.0), item + 10 * loss)
-    torch.testing.assert_close(total_loss(item, {"cat": loss}, lamb={"cat": 0.5}), item + 0.5 * loss)
-
-
-def test_aap_prior_init_starts_at_the_label_rates():
-    pred = AttributePredictor(8, {"cat": 4})
-    rates = torch.tensor([0.0, 0.5, 0.1, 1.0])  # pad column 0 and a class that is always on get clamped
-    assert pred.init_prior_({"cat": rates}, eps=1e-3) is pred
-    probs = torch.sigmoid(pred(torch.zeros(2, 8))["cat"])  # h = 0: the logits are the biases
-    torch.testing.assert_close(probs[0], torch.tensor([1e-3, 0.5, 0.1, 1 - 1e-3]))
-    # the BCE at the prior is the rates' entropy, below the zero-init's log 2 per label
-    y = torch.tensor([[0.0, 1, 0, 1], [0.0, 0, 0, 1]])
-    init = aap_loss(pred(torch.zeros(2, 8)), {"cat": y})["cat"]
-    assert init < math.log(2) - 0.2
-    with pytest.raises(DIFError, match=r"^rates\['cat'\]: expected shape \(4,\), got"):
-        pred.init_prior_({"cat": torch.full((3,), 0.5)})
-    with pytest.raises(DIFError, match=r"^rates\['cat'\]: expected rates in \[0, 1\]"):
-        pred.init_prior_({"cat": torch.tensor([0.0, 1.5, 0.1, 0.2])})
-    with pytest.raises(DIFError, match=r"^rates: expected the attributes \['cat'\]"):
-        pred.init_prior_({"brand": rates})
 
 
 def test_deepcopy_and_state_dict_roundtrip():

@@ -213,7 +213,7 @@ def test_users_too_short_for_leave_one_out_are_dropped_with_a_note(tmp_path):
     ds = load_dataset(folder / "d.txt", k=0)
     assert len(ds.sequences) == 2 and min(map(len, ds.sequences)) >= 3
     assert "dropped 2 users with fewer than 3 interactions" in ds.notes
-    (hist, tgt), (vhist, vtgt) = ds.split("test", 5), ds.split("valid", 5)
+    (_, tgt), (vhist, vtgt) = ds.split("test", 5), ds.split("valid", 5)
     assert (tgt != vtgt).all() and (vhist != 0).any(-1).all()  # every validation history has an item
 
 

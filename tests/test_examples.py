@@ -15,7 +15,6 @@ TINY_MODEL = dict(dim=16, heads=2, layers=1, attr_dim=8, max_len=12, hidden_drop
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_two_epoch_smoke_and_learning(name):
     ds = synthetic()
-    bert = "BERT" in name
     cfg = TrainConfig(**TINY, epochs=2, lr=1e-2, lamb=1.0, patience=5)
     r = run(ds, name, cfg, TINY_MODEL)
     assert r["epochs"] == 2 and len(r["history"]) == 2
@@ -49,7 +48,8 @@ def test_prefix_mode_and_resume(tmp_path):
 
 def test_entry_scripts_on_user_files(tmp_path, capsys):
     txt = write_s3rec(tmp_path)
-    import bert4rec, sasrec
+    import bert4rec
+    import sasrec
     common = ["--dataset", str(txt), "--epochs", "2", "--dim", "16", "--attr-dim", "8", "--max-len", "12",
               "--layers", "1", "--batch-size", "16", "--out-dir", str(tmp_path / "runs"), "--progress", "false",
               "--seeds", "0,1"]
@@ -92,7 +92,8 @@ def test_attribute_rates_and_prior_init():
 
 
 def test_breakdown_reproduces_the_test_metric(tmp_path, capsys):
-    import breakdown, sasrec
+    import breakdown
+    import sasrec
     txt = write_s3rec(tmp_path)
     res = sasrec.main(["--dataset", str(txt), "--epochs", "1", "--dim", "16", "--attr-dim", "8", "--max-len", "12",
                        "--layers", "1", "--batch-size", "16", "--out-dir", str(tmp_path / "runs"), "--progress",
@@ -107,6 +108,9 @@ def test_breakdown_reproduces_the_test_metric(tmp_path, capsys):
     png = tmp_path / "curves.png"
     md = report.main([str(tmp_path / "runs" / "toy"), "--curves", str(png), "--results", str(tmp_path / "r")])
     saved = json.loads((tmp_path / "r.json").read_text())
-    assert {r["model"] for r in saved["runs"]} == {"SASRec", "DIFSASRec"} and (tmp_path / "r.md").read_text().startswith(md)
-    assert all(set(r["test"]) == {"Recall@10", "Recall@20", "NDCG@10", "NDCG@20"} and r["config"] for r in saved["runs"])
-    assert "| DIFSASRec | 1 |" in md and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {r["model"] for r in saved["runs"]} == {"SASRec", "DIFSASRec"}
+    assert (tmp_path / "r.md").read_text().startswith(md)
+    metrics = {"Recall@10", "Recall@20", "NDCG@10", "NDCG@20"}
+    assert all(set(r["test"]) == metrics and r["config"] for r in saved["runs"])
+    assert "| DIFSASRec | 1 |" in md
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

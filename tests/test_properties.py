@@ -310,7 +310,7 @@ def test_batch_rows_are_independent(case):
     turn into one shared bias, must not mix rows)."""
     case = fp64_case(case)
     (t, f, _), _, mask, is_causal = build(case)
-    s, b = len(case["widths"]), case["b"]
+    b = case["b"]
 
     def row(x, r):
         return x if x.shape[0] == 1 else x[r:r + 1]

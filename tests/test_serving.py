@@ -8,8 +8,8 @@ import textwrap
 import pytest
 import torch
 
-from dif_attention import (ConcatFusion, DecoupledAttention, DecoupledEncoder, DIFError, EarlyFusionAttention,
-                           GateFusion, KVCache, item_attribute_table)
+from dif_attention import (DecoupledAttention, DecoupledEncoder, DIFError, EarlyFusionAttention,
+                           KVCache, item_attribute_table)
 from dif_attention.models import MODELS, Recommender, ServingState, build_model, export_recommender
 
 V, MAX_LEN = 40, 6

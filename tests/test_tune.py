@@ -25,7 +25,8 @@ def two_attributes():
     for u in range(30):
         start, length = rng.randrange(20), rng.randrange(6, 12)
         seqs[str(u)] = [str((start + t) % 20 + 1) for t in range(length)]
-    attrs = {"mod4": {str(i): [f"a{i % 4}"] for i in range(1, 21)}, "mod3": {str(i): [f"b{i % 3}"] for i in range(1, 21)}}
+    attrs = {"mod4": {str(i): [f"a{i % 4}"] for i in range(1, 21)},
+             "mod3": {str(i): [f"b{i % 3}"] for i in range(1, 21)}}
     return from_sequences("two", seqs, attrs, k=0)
 
 

@@ -1,4 +1,5 @@
-"""A developer tool, outside the wheel: compile every kernel for a GPU architecture *without a GPU* and check its shared memory.
+"""A developer tool, outside the wheel: compile every kernel for a GPU architecture *without a GPU* and check its
+shared memory.
 
     python tools/compile_check.py                     # sm_90 (H100/H200), the default cases
     python tools/compile_check.py --arch 80 --case bf16,72,32 --case fp32,160,128

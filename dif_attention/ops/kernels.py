@@ -247,7 +247,8 @@ def attention_bwd_dq(Q, K, V, Bias, M, Len, Seed, DO, Lse, Delta, DQ,
 
 @triton.jit
 def attention_bwd_dbias(Q, K, V, Bias, M, Len, Seed, DO, Lse, Delta, DBias,
-                        smb, smh, smi, smj, svb, svh, svn, sdb, sdh, sdn, B, H, N, rows_per_group, qk_scale, scale, p_drop, inv_keep,
+                        smb, smh, smi, smj, svb, svh, svn, sdb, sdh, sdn, B, H, N, rows_per_group, qk_scale, scale,
+                        p_drop, inv_keep,
                         E, EV, BE: tl.constexpr, BEV: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                         HAS_BIAS: tl.constexpr, HAS_LEN: tl.constexpr, HAS_MASK: tl.constexpr,
