@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from cli import TRAIN_FIELDS, machine, name_list, parser, setting_message, settings_from_args, table, user_errors
+from cli import (TRAIN_FIELDS, machine, name_list, parser, results_file, setting_message, settings_from_args, table,
+                 user_errors)
 from data import load_dataset
 from train import SettingError, atomic_write_text, check_settings, dist_info, preflight, run
 
@@ -91,8 +92,8 @@ def main(argv=None):
     print("\n" + text)
     base = Path(args.results) if args.results else Path(cfg.out_dir) / dataset.name / "ablation-results"
     base.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(base.with_suffix(".md"), text)
-    atomic_write_text(base.with_suffix(".json"), json.dumps([{k: v for k, v in r.items() if k != "history"}
+    atomic_write_text(results_file(base, ".md"), text)
+    atomic_write_text(results_file(base, ".json"), json.dumps([{k: v for k, v in r.items() if k != "history"}
                                                              for r in results], indent=1))
     return results
 

@@ -25,6 +25,7 @@ from train import (CHOICES, DATA_KEYWORDS, KS, MODEL_FLAGS, RunError, SettingErr
                    check_settings, dist_info, model_defaults, preflight, run)
 
 __all__ = ["Parser", "parser", "config_from_args", "settings_from_args", "user_errors", "compare", "table",
+           "results_file",
            "paper_config", "model_defaults", "flag", "MODEL_FLAGS", "DATA_KEYWORDS"]
 
 METRICS = [f"{m}@{k}" for m in ("Recall", "NDCG") for k in KS]
@@ -212,6 +213,16 @@ def table(results: list[dict], models: list[str], key: str = "model") -> str:
     return "\n".join(lines)
 
 
+def results_file(base, suffix: str) -> Path:
+    """The file ``--results base`` names for ``suffix`` (``".md"`` or ``".json"``): ``base`` with ``suffix``
+    appended, so a dot inside the name survives (``runs/full-lr0.001`` -> ``runs/full-lr0.001.md``); a ``base``
+    already ending in ``.md`` or ``.json`` has that ending replaced."""
+    base = Path(base)
+    if base.suffix in (".md", ".json"):
+        base = base.with_suffix("")
+    return base.with_name(base.name + suffix)
+
+
 def machine() -> str:
     return (f"{platform.machine()} {platform.system()}, {torch.get_num_threads()} torch threads, "
             f"torch {torch.__version__}")
@@ -256,10 +267,10 @@ def compare(p: argparse.ArgumentParser, args, script: str) -> list[dict]:
     print("\n" + header + md + footer, flush=True)
     base = Path(args.results) if args.results else Path(cfg.out_dir) / dataset.name / f"{script}-results"
     base.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(base.with_suffix(".md"), header + md + footer)
+    atomic_write_text(results_file(base, ".md"), header + md + footer)
     slim = [{k: v for k, v in r.items() if k != "history"} for r in results]
-    atomic_write_text(base.with_suffix(".json"), json.dumps({"command": command, "wall_seconds": wall,
+    atomic_write_text(results_file(base, ".json"), json.dumps({"command": command, "wall_seconds": wall,
                                                              "machine": machine(), "dataset": dataset.stats(),
                                                              "results": slim}, indent=1))
-    print(f"wrote {base.with_suffix('.md')} and {base.with_suffix('.json')}", flush=True)
+    print(f"wrote {results_file(base, '.md')} and {results_file(base, '.json')}", flush=True)
     return results

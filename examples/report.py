@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from cli import Parser, seed_list, table, user_errors
+from cli import Parser, results_file, seed_list, table, user_errors
 from data import DataError
 
 
@@ -93,9 +93,9 @@ def write_results(base: Path, results: list[dict], names: list[str], md: str) ->
                                    "seconds_per_epoch", "parameters")} for r in results]
     text = (f"{md}\n\nTest metrics of each run's best-validation-NDCG@10 checkpoint (mean ± sample std over "
             f"seeds). Table: `{command}`.\n")
-    base.with_suffix(".md").write_text(text)
-    base.with_suffix(".json").write_text(json.dumps({"command": command, "models": names, "runs": runs}, indent=1))
-    print(f"wrote {base.with_suffix('.md')} and {base.with_suffix('.json')}")
+    results_file(base, ".md").write_text(text)
+    results_file(base, ".json").write_text(json.dumps({"command": command, "models": names, "runs": runs}, indent=1))
+    print(f"wrote {results_file(base, '.md')} and {results_file(base, '.json')}")
 
 
 if __name__ == "__main__":

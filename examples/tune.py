@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from cli import boolean, parser, settings_from_args, table, user_errors
+from cli import boolean, parser, results_file, settings_from_args, table, user_errors
 from data import DataError, Dataset, load_dataset
 from dif_attention.models import MODELS, hyper_parameters
 from train import MODEL_FLAGS, RunError, TrainConfig, atomic_write_text, preflight, run
@@ -490,8 +490,8 @@ def main(argv=None) -> dict:
         print("\n" + text, flush=True)
         base = Path(args.results) if args.results else root / "tune-results"
         base.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(base.with_suffix(".md"), text)
-        print(f"wrote {base.with_suffix('.md')}", flush=True)
+        atomic_write_text(results_file(base, ".md"), text)
+        print(f"wrote {results_file(base, '.md')}", flush=True)
     return out
 
 

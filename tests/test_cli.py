@@ -162,3 +162,11 @@ def test_report_and_breakdown_flags(tmp_path, capsys):
     assert code == 1 and "nothing: no such folder" in err
     code, err = one_line(capsys, breakdown, [str(tmp_path), "--models", "SASRec", "--threads", "-2"])
     assert code == 2 and "--threads" in err and "'-2'" in err
+
+
+def test_results_file_keeps_a_dot_in_the_name(tmp_path):
+    from cli import results_file
+    assert results_file(tmp_path / "full-lr0.001-seed0", ".md") == tmp_path / "full-lr0.001-seed0.md"
+    assert results_file(tmp_path / "full-lr0.001-seed0", ".json") == tmp_path / "full-lr0.001-seed0.json"
+    assert results_file(tmp_path / "table.md", ".json") == tmp_path / "table.json"
+    assert results_file("plain", ".md").name == "plain.md"
