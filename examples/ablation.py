@@ -32,8 +32,9 @@ VARIANTS = {
     "fusion_add": ("DIFSASRec", {"fusion": "add"}, "Fig. 6: sum fusion"),
     "fusion_concat": ("DIFSASRec", {"fusion": "concat"}, "Fig. 6: concat fusion (length-agnostic)"),
     "fusion_gate": ("DIFSASRec", {"fusion": "gate"}, "Fig. 6: gate fusion (length-agnostic)"),
-    "fusion_gate_exact": ("DIFSASRec", {"fusion": "gate", "exact_fusion": True},
-                          "Fig. 6: paper-exact gate (tied to max_len, reads the whole score row)"),
+    "fusion_gate_exact": ("DIFSASRec", {"fusion": "gate", "exact_fusion": True, "train_mode": "prefix"},
+                          "Fig. 6: paper-exact gate (tied to max_len, reads the whole score row), trained one "
+                          "sample per prefix: the only scheme where it sees no later item"),
     "frozen_tables": ("DIFSASRec", {"trainable_attributes": False, "attr_init_std": 1.0},
                       "attribute tables frozen at N(0, 1), as the reference code effectively ran"),
     "aap_zero_init": ("DIFSASRec", {"aap_init": "zero"},

@@ -230,6 +230,13 @@ def check_settings(cfg: "TrainConfig", model: dict | None = None, models=()) -> 
     uses_attr_dim = not models or any("attr_dim" in hyper_parameters(MODELS[m]) for m in models)
     if uses_attr_dim and full["attr_dim"] % full["heads"]:
         raise SettingError("attr_dim", f"a multiple of heads={full['heads']}", repr(full["attr_dim"]))
+    # the paper-exact fusions read every key of a score row: in all-positions training a causal model's position
+    # t would see the later items of its window through the fusion weights
+    causal_exact = [m for m in models or MODELS if MODELS[m].causal and "exact_fusion" in hyper_parameters(MODELS[m])]
+    if full["exact_fusion"] and full["fusion"] != "add" and cfg.train_mode == "all" and causal_exact:
+        raise SettingError("exact_fusion", "false with train_mode='all' (the paper-exact fusions read later keys of "
+                           f"the window; use train_mode='prefix' for {', '.join(causal_exact)})",
+                           f"True with fusion={full['fusion']!r}")
 
 
 def make_model(dataset, model_name: str, model: dict | None = None):

@@ -170,3 +170,15 @@ def test_results_file_keeps_a_dot_in_the_name(tmp_path):
     assert results_file(tmp_path / "full-lr0.001-seed0", ".json") == tmp_path / "full-lr0.001-seed0.json"
     assert results_file(tmp_path / "table.md", ".json") == tmp_path / "table.json"
     assert results_file("plain", ".md").name == "plain.md"
+
+
+def test_paper_exact_fusion_is_refused_in_all_positions_training(capsys):
+    code, err = one_line(capsys, sasrec, ["--exact-fusion", "true", "--models", "DIFSASRec", "--dataset", MISSING])
+    assert code == 2
+    assert "--exact-fusion" in err and "train_mode='prefix'" in err and "got True" in err
+    code, err = one_line(capsys, sasrec, ["--exact-fusion", "true", "--train-mode", "prefix", "--batch-size", "0",
+                                          "--dataset", MISSING])
+    assert "--batch-size" in err  # prefix mode takes it: the next bad flag is the one reported
+    from train import TrainConfig, check_settings
+    check_settings(TrainConfig(train_mode="all"), {"exact_fusion": True, "fusion": "add"}, ["DIFSASRec"])
+    check_settings(TrainConfig(train_mode="all"), {"exact_fusion": True}, ["DIFBERT4Rec"])  # bidirectional
