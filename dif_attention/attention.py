@@ -13,7 +13,7 @@ from .errors import check_finite as check_finite_values
 from .functional import BACKENDS, ScoreMaps, decoupled_attention, reference_attention
 from .fusion import Fusion, get_fusion
 
-__all__ = ["DecoupledAttention", "KVCache", "check_attr_dims", "check_cache"]
+__all__ = ["DecoupledAttention", "KVCache", "PackedBuffer", "check_attr_dims", "check_cache"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,62 @@ class KVCache:
                 old, new = old.expand(b, -1, -1, -1), new.expand(b, -1, -1, -1)
             grown.append(torch.cat([old, new], dim=-2))
         return KVCache(tuple(grown), torch.cat([self.value, value], dim=-2))
+
+    # ---- packed storage (the inference step of DecoupledEncoder)
+    _buffer = None  # a PackedBuffer whose first ``length`` slots this cache is, or None (not a dataclass field)
+
+    @property
+    def packed_keys(self) -> Tensor | None:
+        """The keys of every source side by side, ``(b, h, m, E)`` with ``E = sum_s e_s`` (source ``s`` in
+        columns ``sum_{t<s} e_t ..``), when this cache was grown by :meth:`append_packed`; else ``None``."""
+        return None if self._buffer is None else self._buffer.keys[:, :, :self.length]
+
+    def append_packed(self, keys: Tensor, value: Tensor, widths: Sequence[int]) -> "KVCache":
+        """:meth:`append` for new positions whose keys come packed: ``keys (b, h, n, E)`` (the sources side by
+        side, widths ``widths``), ``value (b, h, n, e_v)``. Returns the grown cache, stored in a preallocated
+        buffer: its ``keys[s]`` are column views of :attr:`packed_keys` (batch dim ``b`` for every source).
+
+        The new rows are written in place, without copying the ``m`` cached ones, when this cache is the
+        latest grown from its buffer (no other cache has written past its ``m`` slots) and the buffer has room;
+        otherwise (the first packed append, a cache appended to twice, a full buffer) they go with a copy of
+        the cache into a new buffer with room for more. Caches already handed out are never changed.
+        No checks: the caller (``DecoupledEncoder``'s inference step) has checked the shapes."""
+        m, n = self.length, keys.shape[-2]
+        buf, widths = self._buffer, tuple(widths)
+        if buf is None or buf.used != m or m + n > buf.keys.shape[-2] or buf.widths != widths \
+                or buf.keys.shape[0] != keys.shape[0] or buf.keys.dtype != keys.dtype:
+            b, h, _, width = keys.shape
+            room = m + n + max(32, (m + n) // 2)
+            new = PackedBuffer(keys.new_empty(b, h, room, width), value.new_empty(b, h, room, value.shape[-1]),
+                               widths)
+            if buf is not None and buf.widths == widths and buf.keys.shape[0] == b:
+                new.keys[:, :, :m] = buf.keys[:, :, :m]
+            elif m:
+                for k, lo, hi in zip(self.keys, new.offsets, new.offsets[1:]):
+                    new.keys[:, :, :m, lo:hi] = k  # a batch-independent source broadcasts to every row
+            if m:
+                new.value[:, :, :m] = self.value
+            buf = new
+        buf.keys[:, :, m:m + n] = keys
+        buf.value[:, :, m:m + n] = value
+        buf.used = m + n
+        grown = KVCache(tuple(buf.keys[:, :, :m + n].split(widths, -1)), buf.value[:, :, :m + n])
+        object.__setattr__(grown, "_buffer", buf)  # frozen dataclass: the buffer is not a field
+        return grown
+
+
+class PackedBuffer:
+    """Preallocated storage of :meth:`KVCache.append_packed`: ``keys (b, h, room, E)`` (the sources side by
+    side, widths ``widths``), ``value (b, h, room, e_v)``, and ``used``, the slots written so far (the length
+    of the latest cache grown from it: only that cache may append in place)."""
+
+    __slots__ = ("keys", "value", "widths", "offsets", "used")
+
+    def __init__(self, keys: Tensor, value: Tensor, widths: tuple[int, ...]):
+        self.keys, self.value, self.widths, self.used = keys, value, widths, 0
+        self.offsets = [0]
+        for w in widths:
+            self.offsets.append(self.offsets[-1] + w)
 
 RESERVED = ("item", "position", "fused", "probs")
 

@@ -135,6 +135,11 @@ class SequenceModel(Servable, nn.Module):
         x, side = self.inputs(ids)
         return self.encoder(x, **side, mask=self.mask(ids), is_causal=self.causal, return_scores=return_scores)
 
+    def step_inputs(self, items: Tensor, positions: Tensor) -> tuple[Tensor, dict]:
+        """:meth:`inputs` of one new item per row, ``items (b,)`` (ids already checked, as ``step`` does) at
+        ``positions (b,)``: the stream ``(b, 1, dim)`` and the side keywords."""
+        return self.inputs(items[:, None], positions=positions[:, None])
+
     def output_layer(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """``(h', weight, bias)`` with ``item_scores(h) = h' @ weight.T (+ bias)``: ``weight`` is the tied item
         table ``(num_items + 1, dim)``; the training loss uses this to fuse the full-softmax output layer."""

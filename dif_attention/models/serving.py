@@ -153,7 +153,7 @@ class Servable:
                  f"a state of {state.batch} histories")
         if items.device != state.lengths.device:
             fail("items", f"device {state.lengths.device} (the state's)", f"device {items.device}")
-        lo, hi = int(items.min()), int(items.max())
+        lo, hi = (int(t) for t in torch.aminmax(items))
         if lo < 1 or hi > self.num_items:
             fail("items", f"item ids in [1, {self.num_items}]", f"ids in [{lo}, {hi}]")
         return items
@@ -224,7 +224,7 @@ class Servable:
     def _extend(self, caches, slots: Tensor, lengths: Tensor,
                 items: Tensor) -> tuple[Tensor, tuple[KVCache, ...], Tensor]:
         """One new item per row at position ``lengths`` over the cached slots: ``(scores, caches, slots)``."""
-        x, side = self.inputs(items[:, None], positions=lengths[:, None])
+        x, side = self.step_inputs(items, lengths)
         slots = torch.cat([slots, slots.new_ones(slots.shape[0], 1)], 1)
         mask = None if bool(slots.all()) else slots[:, None, None, :]
         h, caches = self.encoder(x, **side, mask=mask, cache=list(caches))
@@ -258,6 +258,9 @@ class Servable:
         window every step."""
         items = self._check_step(state, items)
         lengths, full = state.lengths, state.lengths >= self.max_len
+        if state.caches is not None and not bool(full.any()):  # the common case: every row has room
+            windows = state.windows.scatter(1, lengths[:, None], items[:, None])
+            return self._finish(windows, lengths + 1, *self._extend(state.caches, state.slots, lengths, items))
         rows = torch.arange(state.batch, device=items.device)
         slot = torch.where(full, self.max_len - 1, lengths)
         windows = torch.where(full[:, None], state.windows.roll(-1, 1), state.windows)
@@ -265,8 +268,6 @@ class Servable:
         new_lengths = (lengths + 1).clamp(max=self.max_len)
         if state.caches is None:
             return self._finish(windows, new_lengths, self._scores(windows))
-        if not bool(full.any()):
-            return self._finish(windows, new_lengths, *self._extend(state.caches, state.slots, lengths, items))
         if bool(full.all()):
             return self._finish(windows, new_lengths, *self._prefill(windows, new_lengths))
         grow, slide = (~full).nonzero().squeeze(1), full.nonzero().squeeze(1)
