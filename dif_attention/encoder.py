@@ -171,20 +171,18 @@ class DecoupledEncoder(nn.Module):
             return None
         side = plan.project_side(side, b)  # (b, layers, 2, h, E - e) or None
         count = None if mask is None else mask.sum(-1).clamp_min(1)  # (b|1, 1, 1): slots each row attends
-        x, grown = x[:, 0], []
-        for i, (layer, c) in enumerate(zip(self.layers, cache)):
-            h = F.layer_norm(x, (plan.dim,), layer.norm1.weight, layer.norm1.bias, layer.norm1.eps) \
-                if layer.norm_first else x
-            a, c = plan.attend(i, layer.attn, h, None if side is None else side[:, i], c, mask, count)
+        x, grown, dim = x[:, 0], [], (plan.dim,)
+        for i, c in enumerate(cache):
+            norm_first, ln1, ln2, ff, _ = plan.blocks[i]
+            a, c = plan.attend(i, F.layer_norm(x, dim, *ln1) if norm_first else x,
+                               None if side is None else side[:, i], c, mask, count)
             grown.append(c)
-            if layer.norm_first:
+            if norm_first:
                 x = x + a
-                h = F.layer_norm(x, (plan.dim,), layer.norm2.weight, layer.norm2.bias, layer.norm2.eps)
-                x = x + _feed_forward(layer.ff, h)
+                x = x + _feed_forward(F.layer_norm(x, dim, *ln2), *ff)
             else:
-                x = F.layer_norm(x + a, (plan.dim,), layer.norm1.weight, layer.norm1.bias, layer.norm1.eps)
-                x = F.layer_norm(x + _feed_forward(layer.ff, x), (plan.dim,), layer.norm2.weight, layer.norm2.bias,
-                                 layer.norm2.eps)
+                x = F.layer_norm(x + a, dim, *ln1)
+                x = F.layer_norm(x + _feed_forward(x, *ff), dim, *ln2)
         return self.final_norm(x[:, None]), grown
 
     def _plan(self) -> "InferencePlan | None":
@@ -197,9 +195,9 @@ class DecoupledEncoder(nn.Module):
         return plan if plan.usable else None
 
 
-def _feed_forward(ff: FeedForward, x: Tensor) -> Tensor:
+def _feed_forward(x: Tensor, up: Tensor, up_bias: Tensor, act, down: Tensor, down_bias: Tensor) -> Tensor:
     """:class:`FeedForward` without its dropout (eval mode): ``(b, dim) -> (b, dim)``."""
-    return F.linear(ff.act(F.linear(x, ff.up.weight, ff.up.bias)), ff.down.weight, ff.down.bias)
+    return F.linear(act(F.linear(x, up, up_bias)), down, down_bias)
 
 
 class InferencePlan:
@@ -208,7 +206,9 @@ class InferencePlan:
     Per layer ``l``: ``qkv[l]`` the item stream's query, key and value projections as one ``Linear(dim ->
     3 dim)``. Per side source (position, then each attribute), for every layer at once: ``Linear(width ->
     layers * 2 * width)``, the query and key projections of every layer (side inputs are the same in every
-    layer). Shapes (einops)::
+    layer). ``blocks[l]``: the layer's norms, feed-forward and output projection, used as they are (looked up
+    once). Parameters replaced by new objects (rather than changed in place) are not seen: rebuild the model.
+    Shapes (einops)::
 
         side_rows : (b, layers, 2, h, E - e)   q / k of the side sources, head by head, the sources side by side
         q, k row  : (b, h, E)                  E = sum_s e_s over the attention's sources, item stream first
@@ -262,6 +262,12 @@ class InferencePlan:
             return torch.cat([lin.weight for lin in linears]), torch.cat([bias(lin) for lin in linears])
 
         self.qkv = [stacked([a.to_q, a.to_k, a.to_v]) for a in attns]
+        # the parameters used as they are, looked up once (a parameter changed in place is seen through them)
+        self.blocks = [(layer.norm_first, (layer.norm1.weight, layer.norm1.bias, layer.norm1.eps),
+                        (layer.norm2.weight, layer.norm2.bias, layer.norm2.eps),
+                        (layer.ff.up.weight, layer.ff.up.bias, layer.ff.act, layer.ff.down.weight,
+                         layer.ff.down.bias), (a.to_out.weight, a.to_out.bias, a.fusion))
+                       for layer, a in zip(encoder.layers, attns)]
         self.side = []  # (weight, bias, head width) per side source, every layer's q and k
         if self.position:
             self.side.append((*stacked([p for a in attns for p in (a.pos_q, a.pos_k)]), a0.dim_head))
@@ -310,7 +316,7 @@ class InferencePlan:
             parts.append(p.view(p.shape[0], self.layers, 2, self.heads, e).expand(b, -1, -1, -1, -1))
         return parts[0] if len(parts) == 1 else torch.cat(parts, -1)
 
-    def attend(self, i: int, attn: DecoupledAttention, x: Tensor, side: Tensor | None, cache: KVCache,
+    def attend(self, i: int, x: Tensor, side: Tensor | None, cache: KVCache,
                mask: Tensor | None, count: Tensor | None) -> tuple[Tensor, KVCache]:
         """Layer ``i``'s attention of the new position ``x (b, dim)`` (``side (b, 2, h, E - e)``) over ``cache``
         grown by it: ``(out (b, dim), grown cache)``. ``mask``: bool ``(b|1, 1, 1, m + 1)``, the slots the
@@ -325,7 +331,7 @@ class InferencePlan:
         cache = cache.append_packed(qk[:, 1, :, None], qkv[:, 2 * self.dim:].view(b, h, 1, e), self.widths)
         keys, value = cache.packed_keys, cache.value  # (b, h, m + 1, E), (b, h, m + 1, e)
         q = qk[:, 0, :, None]  # (b, h, 1, E)
-        fusion = attn.fusion
+        out_weight, out_bias, fusion = self.blocks[i][4]
         if type(fusion) is GateFusion:  # per-source raw scores: the gates read their mean over allowed slots
             scores = (q * self.seg_t) @ keys.transpose(-1, -2)  # (b, h, s, m + 1)
             mean = scores.mean(-1) if mask is None else scores.masked_fill(~mask, 0.0).sum(-1) / count
@@ -347,4 +353,4 @@ class InferencePlan:
         if mask is not None:  # a position with no slot to attend gets zeros (as the general path)
             probs = torch.nan_to_num(probs, nan=0.0)
         out = (probs @ value).view(b, h * e)  # b h 1 e -> b (h e)
-        return F.linear(out, attn.to_out.weight, attn.to_out.bias), cache
+        return F.linear(out, out_weight, out_bias), cache
