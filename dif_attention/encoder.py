@@ -335,11 +335,7 @@ class InferencePlan:
         if type(fusion) is GateFusion:  # per-source raw scores: the gates read their mean over allowed slots
             scores = (q * self.seg_t) @ keys.transpose(-1, -2)  # (b, h, s, m + 1)
             mean = scores.mean(-1) if mask is None else scores.masked_fill(~mask, 0.0).sum(-1) / count
-            energy = mean.unsqueeze(-1)  # (b, h, s, 1)
-            for module in fusion.mlp:
-                energy = F.linear(energy, module.weight, module.bias) if isinstance(module, nn.Linear) \
-                    else module(energy)
-            gates = (energy.squeeze(-1) + fusion.source_bias).softmax(-1)  # (b, h, s)
+            gates = fusion.gates_from_means(mean)  # (b, h, s)
             logits = (gates * self.scale)[:, :, None] @ scores  # (b, h, 1, m + 1): the fused, scaled scores
         else:
             if type(fusion) is ConcatFusion:

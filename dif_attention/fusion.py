@@ -268,16 +268,21 @@ class GateFusion(Fusion):
 
     def _gates(self, queries, keys, allowed) -> Tensor:
         if self.max_len is None:
-            m = _masked_row_mean(queries, keys, allowed)  # (b, h, n, s)
-            e = self._mlp(m.unsqueeze(-1)).squeeze(-1) + self.source_bias.to(m.dtype)
-            return e.softmax(-1)
+            return self.gates_from_means(_masked_row_mean(queries, keys, allowed))
         return self._gates_from_rows([q @ k.transpose(-1, -2) for q, k in zip(queries, keys)])
+
+    def gates_from_means(self, means: Tensor) -> Tensor:
+        """The length-agnostic gates ``(b, h, n, s)`` from each source's masked row mean of its raw scores,
+        ``means (b, h, n, s)``: ``softmax_s(mlp(mean_s) + bias_s)``. Every caller of the gate goes through it."""
+        if self.max_len is not None:
+            raise DIFError("gates_from_means: expected the length-agnostic gate (max_len=None), got "
+                           f"max_len={self.max_len} (the paper-exact gate reads whole score rows)")
+        return (self._mlp(means.unsqueeze(-1)).squeeze(-1) + self.source_bias).softmax(-1)
 
     def weights(self, scores: list[Tensor], allowed: Tensor | None) -> Tensor:
         """The gates ``(b, h, n, s)`` from materialised raw scores (the oracle twin of :meth:`gates`)."""
         if self.max_len is None:
-            m = _masked_row_mean_scores(scores, allowed)
-            return (self._mlp(m.unsqueeze(-1)).squeeze(-1) + self.source_bias).softmax(-1)
+            return self.gates_from_means(_masked_row_mean_scores(scores, allowed))
         return self._gates_from_rows(scores)
 
     def combine(self, scores: list[Tensor], allowed: Tensor | None) -> Tensor:

@@ -249,3 +249,11 @@ def test_lengths_mask_arguments():
     with pytest.raises(DIFError, match=r"^n: expected a positive int, got True"):
         causal_mask(True)
 
+
+
+def test_gates_from_means_refuses_the_paper_exact_gate():
+    from dif_attention.fusion import GateFusion
+    means = torch.zeros(1, 1, 3, 2)
+    assert GateFusion(num_sources=2).gates_from_means(means).shape == (1, 1, 3, 2)
+    with pytest.raises(DIFError, match="max_len=5"):
+        GateFusion(num_sources=2, max_len=5).gates_from_means(means)
