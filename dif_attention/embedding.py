@@ -140,6 +140,12 @@ class AttributeEmbedding(nn.Module):
             out[a] = table[items]
         return out
 
+    def of_items(self, items: Tensor) -> dict[str, Tensor]:
+        """``forward(items=items)`` without the per-call checks, for ids the caller has checked already (a
+        serving step checks its new items once against the model's item count): ``(b, n)`` -> ``(b, n, width)``
+        per attribute. The item tables were checked at construction."""
+        return {a: self._pool(a, getattr(self, f"items_{a}")[items]) for a in self.num_classes}
+
     def forward(self, ids: Mapping[str, Tensor] | None = None, *, items: Tensor | None = None) -> dict[str, Tensor]:
         if (ids is None) == (items is None):
             fail("ids", "exactly one of ids= (attribute tokens) or items= (item ids)",
@@ -160,6 +166,10 @@ class AttributeEmbedding(nn.Module):
                  f"device {tok.device}")
         if _eager() and tok.numel() and (int(tok.max()) >= v or int(tok.min()) < 0):
             fail(f"ids[{a!r}]", f"token ids in [0, {v})", f"ids in [{int(tok.min())}, {int(tok.max())}]")
+        return self._pool(a, tok)
+
+    def _pool(self, a: str, tok: Tensor) -> Tensor:
+        """Checked token ids ``(b, n)`` or ``(b, n, k)`` of attribute ``a`` -> ``(b, n, width)`` (pooled over k)."""
         e = self.tables[a](tok)
         if tok.ndim == 2:
             return e

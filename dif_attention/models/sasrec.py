@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..aap import AttributePredictor
@@ -167,18 +166,7 @@ class DIFMixin:
         """:meth:`inputs` of one new item per row (``items (b,)`` checked by ``step``, at ``positions (b,)``), the
         attributes looked up without :class:`~dif_attention.AttributeEmbedding`'s per-call range checks (its
         item tables were checked when it was built; the pooling is the same)."""
-        emb, attrs = self.attr_emb, {}
-        for a in emb.num_classes:
-            tok = getattr(emb, f"items_{a}")[items[:, None]]  # (b, 1, k) token ids
-            e = F.embedding(tok, emb.tables[a].weight, emb.padding_idx)  # (b, 1, k, d)
-            valid = (tok != emb.padding_idx).unsqueeze(-1)
-            if tok.shape[-1] == 0 or emb.pooling == "sum":
-                attrs[a] = (e * valid).sum(-2)
-            elif emb.pooling == "mean":
-                attrs[a] = (e * valid).sum(-2) / valid.sum(-2).clamp_min(1)
-            else:
-                out = e.masked_fill(~valid, float("-inf")).amax(-2)
-                attrs[a] = torch.where(valid.any(-2), out, torch.zeros_like(out))
+        attrs = self.attr_emb.of_items(items[:, None])
         e = self.item_emb(items[:, None])
         if self.input_fusion:
             e = self.item_fuse(e, attrs=attrs)
