@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU check for the fused Triton kernel (issue 5): kernel tests on CUDA (bf16 included),
+# One prepared GPU check for the fused Triton kernel: kernel tests on CUDA (bf16 included),
 # the whole kernel benchmark and the DIF-SASRec training step, in under 8 minutes on an H100/H200.
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR
