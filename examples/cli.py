@@ -25,7 +25,7 @@ from train import (CHOICES, DATA_KEYWORDS, KS, MODEL_FLAGS, RunError, SettingErr
                    check_settings, dist_info, model_defaults, preflight, run)
 
 __all__ = ["Parser", "parser", "config_from_args", "settings_from_args", "user_errors", "compare", "table",
-           "results_file",
+           "results_file", "cpu_name", "machine",
            "paper_config", "model_defaults", "flag", "MODEL_FLAGS", "DATA_KEYWORDS"]
 
 METRICS = [f"{m}@{k}" for m in ("Recall", "NDCG") for k in KS]
@@ -223,8 +223,20 @@ def results_file(base, suffix: str) -> Path:
     return base.with_name(base.name + suffix)
 
 
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (the platform's processor string elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> str:
-    return (f"{platform.machine()} {platform.system()}, {torch.get_num_threads()} torch threads, "
+    """The machine line of a results file: CPU, OS, torch threads and version."""
+    return (f"{cpu_name()} ({platform.machine()} {platform.system()}), {torch.get_num_threads()} torch threads, "
             f"torch {torch.__version__}")
 
 

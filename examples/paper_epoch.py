@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -29,19 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cli import TRAIN_FIELDS, paper_config
+from cli import TRAIN_FIELDS, cpu_name, paper_config
 from data import load_dataset
 from train import TrainConfig, batch_loss, epoch_batches, make_model, training_arrays, trim_width
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def gemm_rate(shapes, dtype, repeats: int = 5) -> float:

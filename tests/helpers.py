@@ -51,3 +51,15 @@ def make_inputs(b=2, h=2, n=7, widths=(8, 8, 4, 2), ev=6, dtype=torch.float32, s
         ks.append(torch.randn(bb, h, n, e, generator=g, dtype=dtype).requires_grad_(requires_grad))
     v = torch.randn(b, h, n, ev, generator=g, dtype=dtype).requires_grad_(requires_grad)
     return qs, ks, v
+
+
+def block_inputs(b=3, n=9, dim=32, attr_dims={"cat": 8, "brand": 16}, seed=0):
+    """``(x (b, n, dim), attrs {name: (b, n, width)}, pos (n, dim), ids (b, n))`` for an attention block; row 1
+    is padded from position 5 on."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, n, dim, generator=g)
+    attrs = {a: torch.randn(b, n, d, generator=g) for a, d in attr_dims.items()}
+    pos = torch.randn(n, dim, generator=g)
+    ids = torch.randint(1, 50, (b, n), generator=g)
+    ids[1, 5:] = 0
+    return x, attrs, pos, ids

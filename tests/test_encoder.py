@@ -3,16 +3,7 @@ import pytest
 import torch
 
 from dif_attention import DecoupledEncoder, DecoupledEncoderLayer, GateFusion, padding_mask
-
-
-def _inputs(b=3, n=9, dim=32, attr_dims={"cat": 8, "brand": 16}, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, n, dim, generator=g)
-    attrs = {a: torch.randn(b, n, d, generator=g) for a, d in attr_dims.items()}
-    pos = torch.randn(n, dim, generator=g)
-    ids = torch.randint(1, 50, (b, n), generator=g)
-    ids[1, 5:] = 0
-    return x, attrs, pos, ids
+from helpers import block_inputs as _inputs
 
 
 @pytest.mark.parametrize("norm_first", [False, True])
