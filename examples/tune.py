@@ -49,7 +49,7 @@ try:
 except ImportError:  # pragma: no cover
     tqdm = None
 
-__all__ = ["SPACE", "search_space", "suggest", "search", "write_outputs", "trials_table", "best_config",
+__all__ = ["SPACE", "search_space", "suggest", "base_params", "search", "write_outputs", "trials_table", "best_config",
            "read_config", "load_config", "with_attributes", "validation_only", "ValidationOnly", "final_runs",
            "main"]
 
@@ -62,9 +62,14 @@ PRESENTATION = ("out_dir", "tag", "progress", "log", "save", "checkpoint_every",
 
 
 # ---------------------------------------------------------------------------------------------- search space
+# A draw is ``draw(trial, name, base) -> value``; its ``accepts(value, base)`` says whether a fixed value lies in
+# the space (the base configuration is enqueued as a study's first trial only with the values that do).
 def _choice(*values):
     """A categorical setting over ``values``."""
-    return lambda trial, name, base: trial.suggest_categorical(name, list(values))
+    def draw(trial, name, base):
+        return trial.suggest_categorical(name, list(values))
+    draw.accepts = lambda value, base: value in values
+    return draw
 
 
 def _uniform(low: float, high: float, *, step: float | None = None, log: bool = False):
@@ -72,13 +77,26 @@ def _uniform(low: float, high: float, *, step: float | None = None, log: bool = 
     def draw(trial, name, base):
         value = trial.suggest_float(name, low, high, step=step, log=log)
         return round(value, 10) if step else value  # the grid without float noise (0.30000000000000004)
+
+    def accepts(value, base):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            return False
+        return step is None or abs((value - low) / step - round((value - low) / step)) < 1e-6
+    draw.accepts = accepts
     return draw
+
+
+def _head_counts(base: dict) -> list[int]:
+    dim = base.get("dim", MODEL_FLAGS["dim"][0])
+    return [h for h in (1, 2, 4, 8) if dim % h == 0]
 
 
 def _heads(trial, name, base):
     """Heads among 1, 2, 4, 8 that divide the model width ``dim`` of the base settings."""
-    dim = base.get("dim", MODEL_FLAGS["dim"][0])
-    return trial.suggest_categorical(name, [h for h in (1, 2, 4, 8) if dim % h == 0])
+    return trial.suggest_categorical(name, _head_counts(base))
+
+
+_heads.accepts = lambda value, base: value in _head_counts(base)
 
 
 def _every(model_name: str, base: dict) -> bool:
@@ -137,6 +155,22 @@ def suggest(trial, model_name: str, dataset, cfg: TrainConfig, settings: dict | 
         part, draw, _ = SPACE[name]
         (train if part == "train" else model)[name] = draw(trial, name, settings)
     return dataclasses.replace(cfg, **train), {**settings, **model}, attributes
+
+
+def base_params(model_name: str, dataset, cfg: TrainConfig, settings: dict | None = None) -> dict:
+    """The fixed base configuration as Optuna parameters: ``{name: value}`` for each searched name whose base
+    value lies in the space (every attribute switched on). Names left out are drawn by the sampler."""
+    settings = dict(settings or {})
+    params = {}
+    for name in search_space(model_name, dataset, settings):
+        if name.startswith(SWITCH) and name not in SPACE:
+            params[name] = True
+            continue
+        part, draw, _ = SPACE[name]
+        value = getattr(cfg, name) if part == "train" else settings.get(name, MODEL_FLAGS[name][0])
+        if draw.accepts(value, settings):
+            params[name] = value
+    return params
 
 
 # ---------------------------------------------------------------------------------------------- data views
@@ -218,7 +252,7 @@ def _best_seen(trial) -> float | None:
 
 def search(dataset, model_name: str, cfg: TrainConfig, settings: dict | None = None, *, trials: int = 20,
            minutes: float = 0.0, storage: str = "sqlite:///tune.db", study_name: str | None = None, pruner=None,
-           prune_after: int = 3, seed: int = 0, runner=run, progress: bool = True):
+           prune_after: int = 3, seed: int = 0, runner=run, progress: bool = True, start_from_base: bool = True):
     """Search ``model_name``'s settings on ``dataset`` and return the Optuna study.
 
     Each trial draws a configuration (:func:`suggest`), trains it with ``runner`` (``train.run``'s signature)
@@ -228,7 +262,8 @@ def search(dataset, model_name: str, cfg: TrainConfig, settings: dict | None = N
     ``minutes`` of this call (0 = no limit; a running trial finishes). ``pruner``: an Optuna pruner (default
     ``MedianPruner(n_startup_trials=5, n_warmup_steps=prune_after)``, steps are epochs); it acts when
     ``runner`` takes ``on_eval``. A trial whose switches turn every attribute off is recorded as pruned at once,
-    without training, and not counted.
+    without training, and not counted. ``start_from_base``: a new study's first trial is the fixed base
+    configuration (:func:`base_params`), so the chosen one is never worse on validation than the base.
     """
     optuna = _optuna()
     settings = dict(settings or {})
@@ -254,6 +289,8 @@ def search(dataset, model_name: str, cfg: TrainConfig, settings: dict | None = N
         raise RunError(f"{storage}: study {study_name!r} was run with other fixed settings "
                        f"({', '.join(other + diff)}); give them as before, or a new --out / --storage")
     hooked = "on_eval" in inspect.signature(runner).parameters
+    if start_from_base and not study.trials:
+        study.enqueue_trial(base_params(model_name, dataset, cfg, settings))
 
     def objective(trial):
         cfg_t, settings_t, attributes = suggest(trial, model_name, dataset, cfg, settings)
@@ -441,6 +478,8 @@ def main(argv=None) -> dict:
                    help="median: stop a trial whose validation NDCG@10 is below the median of earlier trials at the "
                         "same epoch (needs train.run's on_eval); none: every trial trains to its end")
     g.add_argument("--prune-after", type=int, default=3, help="epochs before a trial may be pruned (default 3)")
+    g.add_argument("--start-from-base", type=boolean, default=True, metavar="BOOL",
+                   help="a new study's first trial is the fixed base configuration given by the flags (default true)")
     g.add_argument("--final", type=boolean, default=True, metavar="BOOL",
                    help="train and test the chosen configuration of each model (default true)")
     args = p.parse_args(argv)
@@ -469,7 +508,7 @@ def main(argv=None) -> dict:
             t0 = time.perf_counter()
             study = search(dataset, name, dataclasses.replace(cfg, seed=args.seeds[0]), settings,
                            trials=args.trials, minutes=args.minutes, storage=storage, pruner=pruner,
-                           seed=args.seeds[0], progress=cfg.progress)
+                           seed=args.seeds[0], progress=cfg.progress, start_from_base=args.start_from_base)
             paths = write_outputs(study, root / name, storage=storage, command=command)
             best = study.best_trial
             print(f"[{name}] best trial {best.number}: valid {OBJECTIVE} {best.value:.4f} ({_params(best)}); "

@@ -150,3 +150,25 @@ def test_entry_points_read_the_best_config_back(tmp_path):
     assert used["config"]["epochs"] == 1  # the flag wins over the file
     assert {k: used["model_config"][k] for k in ("layers", "heads", "attr_dim", "fusion")} == \
         {k: settings[k] for k in ("layers", "heads", "attr_dim", "fusion")}
+
+
+def test_first_trial_is_the_fixed_base_and_off_grid_values_are_drawn(tmp_path):
+    ds = two_attributes()
+    cfg = TrainConfig(lr=2e-3, lamb=3.0)  # lamb 3 is not among the searched values
+    base = tune.base_params("DIFSASRec", ds, cfg, {"dim": 16, "heads": 4, "hidden_dropout": 0.2})
+    assert base == {"lr": 2e-3, "layers": 2, "heads": 4, "hidden_dropout": 0.2, "attn_dropout": 0.5,
+                    "attr_dim": 64, "fusion": "gate", "use_mod4": True, "use_mod3": True}
+    assert "heads" not in tune.base_params("SASRec", ds, cfg, {"dim": 6, "heads": 6})  # 6 does not divide into 1/2/4/8
+
+    calls = []
+
+    def runner(dataset, model_name, cfg, settings):
+        calls.append((cfg.lr, cfg.lamb, settings["heads"], settings["hidden_dropout"]))
+        return {"best_valid_ndcg10": 0.1 * len(calls), "history": [], "epochs": 1, "best_epoch": 1}
+
+    small = TrainConfig(lr=2e-3, lamb=10.0, epochs=1)
+    for start, name in ((True, "a"), (False, "b")):
+        calls.clear()
+        tune.search(ds, "DIFSASRec", small, {"dim": 16, "hidden_dropout": 0.2}, trials=2, runner=runner,
+                    storage=f"sqlite:///{tmp_path / (name + '.db')}", progress=False, start_from_base=start)
+        assert (calls[0] == (2e-3, 10.0, 2, 0.2)) is start
