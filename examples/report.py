@@ -34,22 +34,27 @@ def collect(folder: Path, models: list[str] | None, seeds: list[int] | None) -> 
     return results, names
 
 
-def plot_curves(results: list[dict], names: list[str], path: str, metric: str = "NDCG@10") -> None:
-    """Validation ``metric`` after each epoch, mean over the seeds that reached that epoch (thin lines: seeds)."""
+def plot_curves(results: list[dict], names: list[str], path: str, metric: str = "NDCG@10") -> dict:
+    """Validation ``metric`` at each evaluated epoch (the epoch number of the run, so `--eval-every 2` plots
+    epochs 2, 4, ...), mean over the seeds evaluated at that epoch (thin lines: seeds). Returns the mean curves
+    drawn: model name -> ``(epochs, means)``."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4))
+    drawn = {}
     for i, name in enumerate(names):
-        runs = [[h["valid"][metric] for h in r["history"] if "valid" in h] for r in results if r["model"] == name]
+        runs = [{h["epoch"]: h["valid"][metric] for h in r["history"] if "valid" in h}
+                for r in results if r["model"] == name]
         if not runs:
             continue
         color = f"C{i}"
         for c in runs:
-            ax.plot(range(1, len(c) + 1), c, color=color, alpha=0.25, lw=0.8)
-        longest = max(len(c) for c in runs)
-        mean = [sum(c[e] for c in runs if len(c) > e) / sum(len(c) > e for c in runs) for e in range(longest)]
-        ax.plot(range(1, longest + 1), mean, color=color, lw=2, label=f"{name} ({len(runs)} seeds)")
+            ax.plot(list(c), list(c.values()), color=color, alpha=0.25, lw=0.8)
+        epochs = sorted(set().union(*runs))
+        mean = [sum(c[e] for c in runs if e in c) / sum(e in c for c in runs) for e in epochs]
+        ax.plot(epochs, mean, color=color, lw=2, label=f"{name} ({len(runs)} seeds)")
+        drawn[name] = (epochs, mean)
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"validation {metric}")
     ax.legend()
@@ -57,7 +62,9 @@ def plot_curves(results: list[dict], names: list[str], path: str, metric: str = 
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
+    plt.close(fig)
     print(f"wrote {path}")
+    return drawn
 
 
 def main(argv=None):

@@ -114,3 +114,22 @@ def test_breakdown_reproduces_the_test_metric(tmp_path, capsys):
     assert all(set(r["test"]) == metrics and r["config"] for r in saved["runs"])
     assert "| DIFSASRec | 1 |" in md
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_curves_are_drawn_at_the_evaluated_epochs(tmp_path):
+    """With validation every 2 epochs the curve's x values are the epochs 2, 4, ... of the run, and the mean over
+    seeds is taken per epoch, over the seeds evaluated there."""
+    import report
+
+    def run_record(seed, values):
+        history = [{"epoch": e, "loss": 1.0} for e in range(1, 2 * len(values) + 1)]
+        for h, v in zip(history[1::2], values):
+            h["valid"] = {"NDCG@10": v}
+        return {"model": "DIFSASRec", "seed": seed, "history": history}
+
+    results = [run_record(0, [0.1, 0.3, 0.2]), run_record(1, [0.3, 0.5])]
+    drawn = report.plot_curves(results, ["DIFSASRec"], str(tmp_path / "c.png"))
+    epochs, mean = drawn["DIFSASRec"]
+    assert epochs == [2, 4, 6]
+    assert mean == pytest.approx([0.2, 0.4, 0.2])
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
