@@ -11,9 +11,12 @@ The ``RATIO`` term is the tolerance: it is the oracle's measured error at that p
 ``floor_d`` only absorbs order-of-summation noise in units of rounding (ulps) of the result: on tiny
 inputs the oracle can be exact by luck, and a fast path that sums in another order must not fail
 for a few ulps. The floors are about twice the largest need measured over 600-1200 random cases of
-``test_properties.py`` (fp32: 20 ulps, on the gradient of the concat weights, a reduction over
-every score with cancellation; fp16: 5.9; bf16: 3.5). An error of a wrong formula is orders of
-magnitude above the fp32 floor (40 ulps is 5e-6 at unit scale), and fp32 is one of the drawn dtypes.
+``test_properties.py``. The largest need is on the gradient of the concat weights, a reduction over every
+score with cancellation, whose summands are larger than the result: on an Intel Xeon (AMX) fp32 20 ulps,
+fp16 5.9, bf16 3.5; on an AMD EPYC (AVX-512), whose kernels sum in another order, fp32 100 ulps (1.19e-5 at
+unit scale, oracle 2.7e-6) and fp16 15 ulps. So the floors are fp32 200, fp16 30 ulps. An error of a wrong
+formula is orders of magnitude above them (200 ulps is 2.4e-5 at unit scale), and fp32 is one of the drawn
+dtypes.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from typing import Sequence
 import torch
 
 RATIO = 2.0
-FLOOR_ULPS = {torch.float64: 40.0, torch.float32: 40.0, torch.float16: 12.0, torch.bfloat16: 8.0}
+FLOOR_ULPS = {torch.float64: 40.0, torch.float32: 200.0, torch.float16: 30.0, torch.bfloat16: 8.0}
 
 
 def max_err(t: torch.Tensor, ref: torch.Tensor) -> float:

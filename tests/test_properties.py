@@ -323,3 +323,24 @@ def test_batch_rows_are_independent(case):
             alone = forward(backend, single, f, m, is_causal, dict(case, b=1))
             torch.testing.assert_close(full[r:r + 1], alone, msg=lambda e: f"[{backend}] row {r}: {e}")
 
+
+
+def test_tolerance_rule_rejects_a_wrong_formula():
+    """The floors absorb summation-order noise, not a formula slip: a scale off by 10% fails at every dtype."""
+    import pytest
+    from precision import assert_within
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 8, generator=g) for _ in range(3))
+
+    def attend(q, k, v, scale):
+        return torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1) @ v
+
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        qd, kd, vd = q.to(dtype), k.to(dtype), v.to(dtype)
+        ref = attend(qd.double(), kd.double(), vd.double(), 8 ** -0.5)
+        oracle = attend(qd.float(), kd.float(), vd.float(), 8 ** -0.5).to(dtype)
+        assert_within("oracle", oracle, oracle, ref, dtype)
+        wrong = attend(qd.float(), kd.float(), vd.float(), 1.1 * 8 ** -0.5).to(dtype)
+        with pytest.raises(AssertionError, match="exceeds"):
+            assert_within("wrong", wrong, oracle, ref, dtype)
