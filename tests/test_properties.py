@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import os
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -324,10 +325,8 @@ def test_batch_rows_are_independent(case):
             torch.testing.assert_close(full[r:r + 1], alone, msg=lambda e: f"[{backend}] row {r}: {e}")
 
 
-
 def test_tolerance_rule_rejects_a_wrong_formula():
     """The floors absorb summation-order noise, not a formula slip: a scale off by 10% fails at every dtype."""
-    import pytest
     from precision import assert_within
 
     g = torch.Generator().manual_seed(0)
