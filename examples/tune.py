@@ -13,10 +13,10 @@ best validation NDCG@10 of the trial. Trials train on :func:`validation_only` vi
 item is read during the search; afterwards the chosen configuration is trained once more (per ``--seeds``) on
 the real data and tested, and only that run's test metrics are reported.
 
-The search space is :data:`SPACE`, written once: a model searches the settings it uses (the attribute width
-and fusion only where the model takes them, the AAP weight ``lamb`` only for models with AAP), plus one on/off
-switch per attribute where the dataset has several. Every flag of ``examples/sasrec.py`` sets the fixed base
-that the searched settings override.
+The search space is :data:`SPACE`, written once: a model searches the settings it uses (the attribute width,
+fusion and input fusion only where the model takes them, the AAP weight ``lamb`` only for models with AAP),
+plus one on/off switch per attribute where the dataset has several. Every flag of ``examples/sasrec.py`` sets
+the fixed base that the searched settings override.
 
 Outputs under ``--out`` (default ``runs/<dataset>/tune/``): ``study.db`` (the SQLite storage: rerun the same
 command to resume, up to the same ``--trials``), and per model ``best.json`` (``{"model", "train",
@@ -127,6 +127,7 @@ SPACE = {
     "attr_dim": ("model", _choice(8, 16, 32, 64), _takes("attr_dim")),
     "fusion": ("model", _choice("add", "concat", "gate"), _takes("fusion")),
     "lamb": ("train", _choice(0.0, 0.1, 1.0, 5.0, 10.0, 20.0), _with_aap),
+    "input_fusion": ("model", _choice(False, True), _takes("input_fusion")),
 }
 
 

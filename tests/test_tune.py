@@ -111,14 +111,16 @@ def test_search_spaces_per_family_and_attribute_switches():
     assert tune.search_space("SASRec", ds) == shared
     assert tune.search_space("SASRecF", ds) == shared + ["use_mod4", "use_mod3"]
     assert tune.search_space("SASRecF", ds, {"aap": True}) == shared + ["lamb", "use_mod4", "use_mod3"]
-    assert tune.search_space("DIFSASRec", ds) == shared + ["attr_dim", "fusion", "lamb", "use_mod4", "use_mod3"]
-    assert tune.search_space("DIFSASRec", synthetic()) == shared + ["attr_dim", "fusion", "lamb"]  # one attribute
+    dif = shared + ["attr_dim", "fusion", "lamb", "input_fusion"]
+    assert tune.search_space("DIFSASRec", ds) == dif + ["use_mod4", "use_mod3"]
+    assert tune.search_space("DIFSASRec", synthetic()) == dif  # one attribute
 
     params = {"lr": 1e-3, "layers": 1, "heads": 2, "hidden_dropout": 0.2, "attn_dropout": 0.1, "attr_dim": 8,
-              "fusion": "add", "lamb": 0.0, "use_mod4": False, "use_mod3": True}
+              "fusion": "add", "lamb": 0.0, "input_fusion": True, "use_mod4": False, "use_mod3": True}
     cfg, settings, attributes = tune.suggest(optuna.trial.FixedTrial(params), "DIFSASRec", ds, TrainConfig(),
                                              {"dim": 16})
     assert (cfg.lr, cfg.lamb, settings["fusion"], settings["dim"], attributes) == (1e-3, 0.0, "add", 16, ["mod3"])
+    assert settings["input_fusion"] is True
     one = tune.with_attributes(ds, attributes)
     assert list(one.tables) == list(one.num_classes) == ["mod3"] and list(ds.tables) == ["mod4", "mod3"]
     *_, none = tune.suggest(optuna.trial.FixedTrial({**params, "use_mod3": False}), "DIFSASRec", ds, TrainConfig())
@@ -157,7 +159,7 @@ def test_first_trial_is_the_fixed_base_and_off_grid_values_are_drawn(tmp_path):
     cfg = TrainConfig(lr=2e-3, lamb=3.0)  # lamb 3 is not among the searched values
     base = tune.base_params("DIFSASRec", ds, cfg, {"dim": 16, "heads": 4, "hidden_dropout": 0.2})
     assert base == {"lr": 2e-3, "layers": 2, "heads": 4, "hidden_dropout": 0.2, "attn_dropout": 0.5,
-                    "attr_dim": 64, "fusion": "gate", "use_mod4": True, "use_mod3": True}
+                    "attr_dim": 64, "fusion": "gate", "input_fusion": False, "use_mod4": True, "use_mod3": True}
     assert "heads" not in tune.base_params("SASRec", ds, cfg, {"dim": 6, "heads": 6})  # 6 does not divide into 1/2/4/8
 
     calls = []
