@@ -70,6 +70,26 @@ def test_save_and_load_with_weights_only(tmp_path, name):
     assert not loaded.training
 
 
+@pytest.mark.parametrize("name", ["SASRecF", "DIFSASRec", "DIFBERT4Rec"])
+def test_load_model_with_other_item_tables(tmp_path, name):
+    """``item_tables=`` replaces the saved item -> attribute tables (same items, same vocabulary): the same tables
+    give the same model, other assignments another one; a table of the wrong size is named."""
+    m = make(name, attr_init_std=1.0).eval()  # (DIF's attribute scores start small: N(0, 1) tables show them)
+    path = save_model(m, tmp_path / "m.pt")
+    ids = torch.tensor([[1, 2, 3, 0], [4, 5, 6, 7]])
+    table = m.item_tables["residue"]
+    torch.testing.assert_close(load_model(path, item_tables={"residue": table.clone()})(ids), m(ids))
+    moved = torch.cat([table[:1], table[1:].roll(1, 0)])  # item i gets item i-1's residue
+    assert (load_model(path, item_tables={"residue": moved})(ids) - m(ids)).abs().max() > 1e-6
+    with pytest.raises(DIFError, match=r"^item_tables\['residue'\]: expected 31 rows"):
+        load_model(path, item_tables={"residue": table[:5]})
+    with pytest.raises(DIFError, match=r"^item_tables\['residue'\]: expected token ids in \[0, 5\)"):
+        load_model(path, item_tables={"residue": table + 10})
+    plain = save_model(make("SASRec"), tmp_path / "plain.pt")
+    with pytest.raises(DIFError, match=r"^item_tables: expected None for a model without attributes"):
+        load_model(plain, item_tables={"residue": table})
+
+
 def test_build_model_errors():
     ds = synthetic()
     with pytest.raises(DIFError, match=r"^name: expected one of"):

@@ -79,9 +79,14 @@ def save_model(model: SequenceModel, path: "str | os.PathLike") -> Path:
     return path
 
 
-def load_model(path: "str | os.PathLike", *, map_location: "str | torch.device | None" = None) -> SequenceModel:
+def load_model(path: "str | os.PathLike", *, map_location: "str | torch.device | None" = None,
+               item_tables: dict | None = None) -> SequenceModel:
     """A model written by :func:`save_model`, in eval mode (``torch.load(weights_only=True)``: a checkpoint
-    cannot run code). A truncated, foreign or corrupted file raises ``DIFError`` naming it."""
+    cannot run code). A truncated, foreign or corrupted file raises ``DIFError`` naming it.
+
+    ``item_tables`` (attribute models only): attribute -> ``(num_items + 1, k)`` token table replacing the saved
+    one -- the same items and vocabularies, other assignments (a catalogue update, or a check of how much the
+    model relies on its attributes); the model's own checks name a table that does not fit."""
     path = Path(path)
     if not path.is_file():
         raise DIFError(f"{path}: no such model file")
@@ -93,6 +98,10 @@ def load_model(path: "str | os.PathLike", *, map_location: "str | torch.device |
     if not isinstance(ck, dict) or ck.get("format") != _FORMAT or "config" not in ck or "state_dict" not in ck:
         raise DIFError(f"{path}: not a dif-attention model file (expected one written by save_model)")
     config = dict(ck["config"])
+    if item_tables is not None:
+        if "item_tables" not in config:
+            fail("item_tables", "None for a model without attributes", f"tables for {config.get('name')}")
+        config["item_tables"] = item_tables
     model = build_model(config.pop("name"), **config)
     try:
         model.load_state_dict(ck["state_dict"])
