@@ -32,7 +32,7 @@ from .errors import check_tensor, fail
 from .functional import ScoreMaps
 
 __all__ = ["numerical_rank", "effective_rank", "block_ranks", "layer_ranks", "summarize", "rank_bound",
-           "head_widths", "valid_norms", "rank_report"]
+           "head_widths", "valid_norms", "rank_report", "source_spread"]
 
 MEASURES = ("numerical", "effective")
 
@@ -206,3 +206,38 @@ def rank_report(forward: Callable[[Tensor], tuple[Tensor, Sequence[ScoreMaps]]],
                loose=float(loose.mean()), loose_per_layer=summarize(loose)["per_layer"],
                mean_length=float(lengths.double().mean()), samples=len(ids), widths=list(widths))
     return out
+
+
+def source_spread(layer_maps: Sequence[ScoreMaps], allowed: Tensor) -> dict[str, Tensor]:
+    """How much each source can move attention: per layer, the standard deviation of the source's raw scores
+    ``S_s(i, j)`` over the keys ``j`` that row ``i`` may attend (a constant row changes no softmax), averaged over
+    heads and over the rows with at least two allowed keys.
+
+    ``allowed``: bool ``(b|1, 1|h, n, n)``, True where query ``i`` may attend key ``j`` (causal and not padding).
+    Returns ``{source: (l,) float64}`` in source order; with the ``gate`` fusion also ``{"gate " + source: (l,)}``,
+    the mean gate weight of that source over the same rows (the weight its scores enter the sum with).
+    """
+    if not layer_maps:
+        fail("layer_maps", "a non-empty sequence of ScoreMaps (one per layer)", "an empty sequence")
+    first = next(iter(layer_maps[0].sources.values()))
+    check_tensor("allowed", allowed, ndim=4)
+    if allowed.dtype != torch.bool:
+        fail("allowed", "a bool mask (b|1, 1|h, n, n)", f"dtype {allowed.dtype}")
+    if allowed.shape[-2:] != first.shape[-2:]:
+        fail("allowed", f"the score maps' last two dimensions {tuple(first.shape[-2:])}", tuple(allowed.shape))
+    a = allowed.double()
+    count = a.sum(-1)  # (b|1, 1|h, n)
+    rows = count > 1
+    out: dict[str, list[Tensor]] = {}
+    for maps in layer_maps:
+        for name, s in maps.sources.items():
+            s = s.detach().double()
+            mean = (s * a).sum(-1) / count.clamp_min(1)
+            var = ((s - mean[..., None]) ** 2 * a).sum(-1) / count.clamp_min(1)
+            std, keep = torch.broadcast_tensors(var.sqrt(), rows)
+            out.setdefault(name, []).append(std[keep].mean())
+        if maps.gates is not None:
+            for k, name in enumerate(maps.sources):
+                g, keep = torch.broadcast_tensors(maps.gates[..., k].detach().double(), rows)
+                out.setdefault("gate " + name, []).append(g[keep].mean())
+    return {name: torch.stack(v) for name, v in out.items()}

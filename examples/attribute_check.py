@@ -16,6 +16,11 @@ Reads ``<folder>/<model>/seed<k>/best.pt`` (written by ``sasrec.py`` / ``bert4re
 * ``removed``: every item gets no attribute token (the padding embedding).
 
 Prints a Markdown table with the change of NDCG@10 against ``trained``. Models without attributes are skipped.
+
+``--sources true`` adds, for decoupled models, each score source's spread per layer on the first ``--users``
+histories of the split (:func:`dif_attention.analysis.source_spread`: the standard deviation of a source's raw
+scores along a query's row of allowed keys, and its mean gate weight): a source whose rows are flat does not
+move the attention, however its gate weights it.
 """
 from __future__ import annotations
 
@@ -25,13 +30,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cli import Parser, seed_list, threads, user_errors
+from cli import Parser, boolean, seed_list, threads, user_errors
 from data import load_dataset
 from dif_attention import DIFError
+from dif_attention.analysis import source_spread
+from dif_attention.masks import causal_mask
 from dif_attention.models import load_model
 from train import evaluate
 
-__all__ = ["VARIANTS", "shuffled_tables", "removed_tables", "variant_tables", "check_run", "main"]
+__all__ = ["VARIANTS", "shuffled_tables", "removed_tables", "variant_tables", "check_run", "check_sources", "main"]
 
 VARIANTS = ("trained", "shuffled", "removed")
 
@@ -78,6 +85,33 @@ def check_run(path: Path, dataset, *, split: str = "valid", repeats: int = 1) ->
     return out
 
 
+def check_sources(path: Path, dataset, *, split: str = "valid", users: int = 256) -> dict[str, list[float]] | None:
+    """Per layer, each score source's spread and gate weight (:func:`~dif_attention.analysis.source_spread`) of the
+    model file ``path`` on the first ``users`` histories of ``split``; None for a model with one score source."""
+    model = load_model(path).eval()
+    hist, _ = dataset.split(split, model.max_len)
+    ids = torch.as_tensor(np.asarray(hist[:users]))
+    with torch.no_grad():
+        _, maps = model(ids, return_scores=True)
+    if len(maps[0].sources) < 2:
+        return None
+    real = ids != 0
+    allowed = real[:, None, :, None] & real[:, None, None, :]  # (b, 1, n, n): real queries and keys
+    if model.causal:
+        allowed = allowed & causal_mask(ids.shape[1])
+    return {name: v.tolist() for name, v in source_spread(maps, allowed).items()}
+
+
+def sources_table(name: str, seed: int, spread: dict[str, list[float]]) -> list[str]:
+    """Markdown rows ``| model | seed | layer | <source spreads> | <gate weights> |`` (with a header)."""
+    cols = list(spread)
+    heads = [c if c.startswith("gate ") else f"spread {c}" for c in cols]
+    lines = ["| model | seed | layer | " + " | ".join(heads) + " |", "|---" * (3 + len(cols)) + "|"]
+    for layer in range(len(spread[cols[0]])):
+        lines.append(f"| {name} | {seed} | {layer} | " + " | ".join(f"{spread[c][layer]:.3g}" for c in cols) + " |")
+    return lines
+
+
 def main(argv=None):
     p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("folder", help="runs/<dataset>")
@@ -87,6 +121,9 @@ def main(argv=None):
     p.add_argument("--split", choices=("valid", "test"), default="valid",
                    help="the split to evaluate (default valid: a check of the model, not a result)")
     p.add_argument("--repeats", type=int, default=1, help="permutations averaged for 'shuffled' (default 1)")
+    p.add_argument("--sources", type=boolean, default=False, metavar="BOOL",
+                   help="also print each score source's spread and gate weight per layer (default false)")
+    p.add_argument("--users", type=int, default=256, help="histories used by --sources (default 256)")
     p.add_argument("--threads", type=threads, default=0)
     args = p.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
@@ -94,13 +131,15 @@ def main(argv=None):
         p.error(f"--models: expected comma-separated run folders, got {args.models!r}")
     if args.repeats < 1:
         p.error(f"--repeats: expected an integer >= 1, got {args.repeats}")
+    if args.users < 1:
+        p.error(f"--users: expected an integer >= 1, got {args.users}")
     if args.threads:
         torch.set_num_threads(args.threads)
     folder = Path(args.folder)
     with user_errors(p, DIFError):
         dataset = load_dataset(args.dataset or folder.name)
         lines = [f"| model | seed | {args.split} | Recall@10 | NDCG@10 | NDCG@10 change |", "|---|---|---|---|---|---|"]
-        found = False
+        found, source_lines = False, []
         for name in models:
             for seed in args.seeds:
                 path = folder / name / f"seed{seed}" / "best.pt"
@@ -117,9 +156,13 @@ def main(argv=None):
                     change = "" if variant == "trained" else f"{(m['NDCG@10'] - base) / base:+.1%}"
                     lines.append(f"| {name} | {seed} | {variant} | {m['Recall@10']:.4f} | {m['NDCG@10']:.4f} | "
                                  f"{change} |")
+                if args.sources:
+                    spread = check_sources(path, dataset, split=args.split, users=args.users)
+                    if spread is not None:
+                        source_lines += ["", *sources_table(name, seed, spread)]
         if not found:
             p.error("no finished runs of attribute models found")
-    text = "\n".join(lines) + f"\n\nCommand: `python {' '.join(sys.argv)}`\n"
+    text = "\n".join(lines + source_lines) + f"\n\nCommand: `python {' '.join(sys.argv)}`\n"
     print(text)
     return text
 

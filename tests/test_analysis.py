@@ -4,9 +4,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dif_attention import DIFError, DecoupledAttention, DecoupledEncoder
+from dif_attention import DIFError, DecoupledAttention, DecoupledEncoder, ScoreMaps
 from dif_attention.analysis import (block_ranks, effective_rank, head_widths, layer_ranks, numerical_rank, rank_bound,
-                                    summarize)
+                                    source_spread, summarize)
 from dif_attention.baselines import EarlyFusionAttention
 
 
@@ -130,3 +130,46 @@ def test_encoder_maps_give_one_rank_per_layer():
     assert r[:, 0].unique().tolist() == [20] and r[:, 1].unique().tolist() == [11]  # bound 8 + 8 + 4 = 20
     eff = layer_ranks(maps, torch.tensor([20, 11]), measure="effective")
     assert (eff > 1).all() and (eff <= r).all()
+
+
+def test_source_spread_is_the_row_std_over_allowed_keys():
+    item = torch.tensor([[1.0, 3.0, 100.0], [2.0, 2.0, -50.0], [0.0, 4.0, 8.0]])[None, None]  # (1, 1, 3, 3)
+    flat = torch.full((1, 1, 3, 3), 7.0)
+    allowed = torch.tensor([[True, True, False], [True, True, False], [True, False, False]])[None, None]
+    gates = torch.tensor([[0.25, 0.75], [0.5, 0.5], [1.0, 0.0]])[None, None]
+    maps = ScoreMaps(sources={"item": item, "cat": flat}, fused=item, probs=item, gates=gates)
+    out = source_spread([maps, maps], allowed)
+    assert list(out) == ["item", "cat", "gate item", "gate cat"]
+    # row 0: std of (1, 3) = 1; row 1: std of (2, 2) = 0; row 2 has one allowed key and is left out
+    assert out["item"].tolist() == [0.5, 0.5] and out["cat"].tolist() == [0.0, 0.0]
+    assert out["gate item"].tolist() == [0.375, 0.375] and out["gate cat"].tolist() == [0.625, 0.625]
+    no_gates = source_spread([ScoreMaps(sources={"item": item}, fused=item, probs=item)], allowed)
+    assert list(no_gates) == ["item"]
+
+
+def test_source_spread_sees_a_source_that_cannot_move_attention():
+    """Every key with the same attribute: the attribute source's rows are constant, whatever its size."""
+    torch.manual_seed(0)
+    m = DecoupledAttention(16, 2, attr_dims={"cat": 8}, fusion="gate").double()
+    x = torch.randn(2, 9, 16, dtype=torch.float64)
+    same = torch.randn(1, 1, 8, dtype=torch.float64).expand(2, 9, 8) * 10
+    _, maps = m(x, attrs={"cat": same}, pos=torch.randn(9, 16, dtype=torch.float64), is_causal=True,
+                return_scores=True)
+    allowed = torch.ones(9, 9, dtype=torch.bool).tril()[None, None]
+    out = source_spread([maps], allowed)
+    assert out["cat"].item() < 1e-12 < out["item"].item() and out["position"].item() > 1e-6
+    assert out["gate item"] + out["gate position"] + out["gate cat"] == pytest.approx(1.0)
+
+
+def test_source_spread_errors_name_the_argument():
+    s = torch.zeros(1, 1, 3, 3)
+    maps = ScoreMaps(sources={"item": s}, fused=s, probs=s)
+    ok = torch.ones(1, 1, 3, 3, dtype=torch.bool)
+    with pytest.raises(DIFError, match="^layer_maps: expected a non-empty"):
+        source_spread([], ok)
+    with pytest.raises(DIFError, match="^allowed: expected a bool mask"):
+        source_spread([maps], ok.float())
+    with pytest.raises(DIFError, match=r"^allowed: expected the score maps' last two dimensions \(3, 3\)"):
+        source_spread([maps], torch.ones(1, 1, 4, 4, dtype=torch.bool))
+    with pytest.raises(DIFError, match="^allowed"):
+        source_spread([maps], torch.ones(3, 3, dtype=torch.bool))

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import attribute_check
-from attribute_check import VARIANTS, check_run, removed_tables, shuffled_tables, variant_tables
+from attribute_check import VARIANTS, check_run, check_sources, removed_tables, shuffled_tables, variant_tables
 from dif_attention import DIFError
 from example_helpers import synthetic, write_s3rec
 from train import TrainConfig, run
@@ -43,6 +43,19 @@ def test_check_run_reproduces_the_runs_validation(tmp_path):
     assert check_run(tmp_path / "synthetic" / "SASRec" / "seed0" / "best.pt", ds) is None
 
 
+def test_check_sources_of_a_decoupled_model(tmp_path):
+    ds = synthetic()
+    cfg = TrainConfig(batch_size=16, progress=False, log=False, epochs=1, lr=1e-2, lamb=1.0, out_dir=str(tmp_path))
+    run(ds, "DIFSASRec", cfg, TINY_MODEL)
+    spread = check_sources(tmp_path / "synthetic" / "DIFSASRec" / "seed0" / "best.pt", ds, users=8)
+    assert set(spread) == {"item", "position", *ds.num_classes, "gate item", "gate position",
+                           *(f"gate {a}" for a in ds.num_classes)}
+    assert all(len(v) == TINY_MODEL["layers"] for v in spread.values())
+    assert sum(v[0] for k, v in spread.items() if k.startswith("gate ")) == pytest.approx(1.0)
+    run(ds, "SASRecF", cfg, TINY_MODEL)
+    assert check_sources(tmp_path / "synthetic" / "SASRecF" / "seed0" / "best.pt", ds) is None
+
+
 def test_command_line(tmp_path, capsys):
     txt = write_s3rec(tmp_path)
     import sasrec
@@ -54,10 +67,18 @@ def test_command_line(tmp_path, capsys):
     rows = [line for line in text.splitlines() if line.startswith("| DIFSASRec | 0 |")]
     assert [r.split(" | ")[2] for r in rows] == list(VARIANTS)
     assert "no attributes" in capsys.readouterr().err  # SASRec is skipped
+    text = attribute_check.main([folder, "--dataset", str(txt), "--models", "DIFSASRec", "--sources", "true",
+                                 "--users", "5"])
+    header = [line for line in text.splitlines() if line.startswith("| model | seed | layer |")]
+    assert header and "spread item" in header[0] and "gate position" in header[0]
+    layers = [line for line in text.splitlines() if line.startswith("| DIFSASRec | 0 | 0 |")]
+    assert len(layers) == 1 and all(float(v) >= 0 for v in layers[0].strip("| ").split(" | ")[3:])
     for argv, message in (([folder, "--dataset", str(txt), "--models", ","], "--models: expected"),
                           ([folder, "--dataset", str(txt), "--models", "NOVA"], "no finished runs"),
                           ([folder, "--dataset", str(txt), "--models", "DIFSASRec", "--repeats", "0"],
-                           "--repeats: expected an integer >= 1")):
+                           "--repeats: expected an integer >= 1"),
+                          ([folder, "--dataset", str(txt), "--models", "DIFSASRec", "--users", "0"],
+                           "--users: expected an integer >= 1")):
         with pytest.raises(SystemExit) as e:
             attribute_check.main(argv)
         assert e.value.code == 2 and message in capsys.readouterr().err
