@@ -105,8 +105,8 @@ def check_sources(path: Path, dataset, *, split: str = "valid", users: int = 256
 def sources_table(name: str, seed: int, spread: dict[str, list[float]]) -> list[str]:
     """Markdown rows ``| model | seed | layer | <source spreads> | <gate weights> |`` (with a header)."""
     cols = list(spread)
-    heads = [c if c.startswith("gate ") else f"spread {c}" for c in cols]
-    lines = ["| model | seed | layer | " + " | ".join(heads) + " |", "|---" * (3 + len(cols)) + "|"]
+    titles = [c if c.startswith("gate ") else f"spread {c}" for c in cols]
+    lines = ["| model | seed | layer | " + " | ".join(titles) + " |", "|---" * (3 + len(cols)) + "|"]
     for layer in range(len(spread[cols[0]])):
         lines.append(f"| {name} | {seed} | {layer} | " + " | ".join(f"{spread[c][layer]:.3g}" for c in cols) + " |")
     return lines
