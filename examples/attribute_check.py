@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cli import Parser, boolean, seed_list, threads, user_errors
+from cli import boolean, runs_parser, threads, user_errors
 from data import load_dataset
 from dif_attention import DIFError
 from dif_attention.analysis import source_spread
@@ -113,11 +113,7 @@ def sources_table(name: str, seed: int, spread: dict[str, list[float]]) -> list[
 
 
 def main(argv=None):
-    p = Parser(description=__doc__.splitlines()[0])
-    p.add_argument("folder", help="runs/<dataset>")
-    p.add_argument("--dataset", default=None, help="dataset name (default: the folder's name)")
-    p.add_argument("--models", required=True, help="comma-separated run folders, e.g. SASRecF,DIFSASRec")
-    p.add_argument("--seeds", type=seed_list, default="0")
+    p = runs_parser(__doc__.splitlines()[0], seeds="0", example="SASRecF,DIFSASRec")
     p.add_argument("--split", choices=("valid", "test"), default="valid",
                    help="the split to evaluate (default valid: a check of the model, not a result)")
     p.add_argument("--repeats", type=int, default=1, help="permutations averaged for 'shuffled' (default 1)")

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cli import Parser, seed_list, threads, user_errors
+from cli import runs_parser, threads, user_errors
 from data import load_dataset
 from dif_attention import DIFError
 from dif_attention.models import load_model
@@ -41,11 +41,7 @@ def load_run(folder: Path) -> torch.nn.Module:
 
 
 def main(argv=None):
-    p = Parser(description=__doc__.splitlines()[0])
-    p.add_argument("folder", help="runs/<dataset>")
-    p.add_argument("--dataset", default=None, help="dataset name (default: the folder's name)")
-    p.add_argument("--models", required=True, help="comma-separated run folders, e.g. SASRec,DIFSASRec-prior")
-    p.add_argument("--seeds", type=seed_list, default="0,1,2")
+    p = runs_parser(__doc__.splitlines()[0], seeds="0,1,2", example="SASRec,DIFSASRec-prior")
     p.add_argument("--threads", type=threads, default=0)
     p.add_argument("--png", default=None, help="also plot NDCG@10 per bucket to this PNG (needs matplotlib)")
     args = p.parse_args(argv)

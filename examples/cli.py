@@ -99,6 +99,17 @@ def threads(text: str) -> int:
     return int(text)
 
 
+def runs_parser(description: str, *, seeds: str, example: str) -> Parser:
+    """The arguments of a script that reads finished runs: ``folder`` (``runs/<dataset>``), ``--dataset``,
+    ``--models`` (run folders, e.g. ``example``) and ``--seeds`` (default ``seeds``)."""
+    p = Parser(description=description)
+    p.add_argument("folder", help="runs/<dataset>")
+    p.add_argument("--dataset", default=None, help="dataset name (default: the folder's name)")
+    p.add_argument("--models", required=True, help=f"comma-separated run folders, e.g. {example}")
+    p.add_argument("--seeds", type=seed_list, default=seeds)
+    return p
+
+
 def parser(description: str, models: list[str], defaults: dict | None = None) -> Parser:
     """Flags: the run's own, one per :class:`TrainConfig` field, one per model setting. ``defaults``
     overrides the default of any of them by name (an entry point's own choices)."""
