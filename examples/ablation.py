@@ -19,9 +19,8 @@ from pathlib import Path
 
 import torch
 
-from cli import (TRAIN_FIELDS, machine, name_list, parser, results_file, setting_message, settings_from_args, table,
-                 user_errors)
-from data import load_dataset
+from cli import (TRAIN_FIELDS, load_data, machine, name_list, parser, results_file, setting_message, settings_from_args,
+                 table, user_errors)
 from train import SettingError, atomic_write_text, check_settings, dist_info, preflight, run
 
 VARIANTS = {
@@ -75,7 +74,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     with user_errors(p):
         rank, world = dist_info()
-        dataset = load_dataset(args.dataset, data=args.data)
+        dataset = load_data(args)
         for _, model, c, settings in runs:
             preflight(dataset, model, c, settings)
         t0 = time.perf_counter()

@@ -133,7 +133,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     folder = Path(args.folder)
     with user_errors(p, DIFError):
-        dataset = load_dataset(args.dataset or folder.name)
+        dataset = load_dataset(args.dataset or folder.name, attributes=args.attributes)
         lines = [f"| model | seed | {args.split} | Recall@10 | NDCG@10 | NDCG@10 change |", "|---|---|---|---|---|---|"]
         found, source_lines = False, []
         for name in models:

@@ -52,7 +52,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     folder = Path(args.folder)
     with user_errors(p, DIFError):
-        return report(p, args, folder, load_dataset(args.dataset or folder.name), models, seeds)
+        dataset = load_dataset(args.dataset or folder.name, attributes=args.attributes)
+        return report(p, args, folder, dataset, models, seeds)
 
 
 def report(p, args, folder: Path, ds, models: list[str], seeds: list[int]) -> str:

@@ -25,7 +25,7 @@ from train import (CHOICES, DATA_KEYWORDS, KS, MODEL_FLAGS, RunError, SettingErr
                    check_settings, dist_info, model_defaults, preflight, run)
 
 __all__ = ["Parser", "parser", "config_from_args", "settings_from_args", "user_errors", "compare", "table",
-           "results_file", "cpu_name", "machine",
+           "results_file", "cpu_name", "machine", "load_data",
            "paper_config", "model_defaults", "flag", "MODEL_FLAGS", "DATA_KEYWORDS"]
 
 METRICS = [f"{m}@{k}" for m in ("Recall", "NDCG") for k in KS]
@@ -81,10 +81,12 @@ def seed_list(text: str) -> list[int]:
 
 
 def name_list(allowed) -> "callable":
-    """A flag type: comma-separated names, each among ``allowed``."""
+    """A flag type: comma-separated names, each among ``allowed`` (None: any name, at least one)."""
     def parse(text: str) -> list[str]:
         names = [t.strip() for t in text.split(",") if t.strip()]
-        unknown = [n for n in names if n not in allowed]
+        if allowed is None and not names:
+            raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+        unknown = [n for n in names if allowed is not None and n not in allowed]
         if unknown:
             raise argparse.ArgumentTypeError(f"unknown {', '.join(map(repr, unknown))}; expected comma-separated "
                                              f"names among {', '.join(allowed)}")
@@ -99,12 +101,23 @@ def threads(text: str) -> int:
     return int(text)
 
 
+ATTRIBUTES_HELP = ("comma-separated item attributes to use (default: the dataset's; ml-100k: class; beauty, sports "
+                   "and other S3-Rec files: attribute, their one field of brand and categories together, or brand "
+                   "and / or categories, that field split apart; atomic files: token_seq fields of the .item file)")
+
+
+def load_data(args):
+    """The dataset of ``--dataset`` / ``--data`` / ``--attributes``."""
+    return load_dataset(args.dataset, data=getattr(args, "data", None), attributes=args.attributes)
+
+
 def runs_parser(description: str, *, seeds: str, example: str) -> Parser:
     """The arguments of a script that reads finished runs: ``folder`` (``runs/<dataset>``), ``--dataset``,
     ``--models`` (run folders, e.g. ``example``) and ``--seeds`` (default ``seeds``)."""
     p = Parser(description=description)
     p.add_argument("folder", help="runs/<dataset>")
     p.add_argument("--dataset", default=None, help="dataset name (default: the folder's name)")
+    p.add_argument("--attributes", type=name_list(None), default=None, help=ATTRIBUTES_HELP + "; as the runs had")
     p.add_argument("--models", required=True, help=f"comma-separated run folders, e.g. {example}")
     p.add_argument("--seeds", type=seed_list, default=seeds)
     return p
@@ -118,6 +131,7 @@ def parser(description: str, models: list[str], defaults: dict | None = None) ->
     p.add_argument("--dataset", default="ml-100k", help="ml-100k (the default), beauty, sports, or a path (atomic / "
                    "S3-Rec files)")
     p.add_argument("--data", default=None, help="folder holding the dataset files (overrides the default location)")
+    p.add_argument("--attributes", type=name_list(None), default=None, help=ATTRIBUTES_HELP)
     p.add_argument("--models", type=name_list(list(MODELS)), default=",".join(models),
                    help=f"comma-separated models to compare (default {','.join(models) or 'none'}; any of "
                         f"{', '.join(MODELS)})")
@@ -262,7 +276,7 @@ def compare(p: argparse.ArgumentParser, args, script: str) -> list[dict]:
         torch.set_num_threads(args.threads)
     with user_errors(p):
         rank, world = dist_info()
-        dataset = load_dataset(args.dataset, data=args.data)
+        dataset = load_data(args)
         if getattr(args, "config", None):
             from tune import read_config, with_attributes
             dataset = with_attributes(dataset, read_config(args.config)["attributes"])

@@ -5,7 +5,9 @@ Two file formats:
 * **RecBole atomic files** -- ``<name>.inter`` (and optionally ``<name>.item``): tab-separated, a header
   of ``field:type`` with type in ``token``, ``token_seq`` (space-separated tokens), ``float``, ``float_seq``.
 * **S3-Rec files** -- ``<name>.txt`` (``user item item ...`` one user per line, in time order) and
-  ``<name>_item2attributes.json`` (``{"item": [attribute, ...]}``).
+  ``<name>_item2attributes.json`` (``{"item": [attribute, ...]}``). Their one attribute field mixes each
+  item's brand and categories; :func:`split_brand` separates them (attributes ``brand`` and ``categories``),
+  so a run can use the categories alone, as the DIF-SR paper does.
 
 Protocol (DIF-SR / RecBole): iterative 5-core filter, each history sorted by timestamp with a *stable*
 sort (ties keep file order), chronological leave-one-out (last item = test target, second-to-last =
@@ -37,7 +39,7 @@ import numpy as np
 import torch
 
 __all__ = ["DataError", "Dataset", "read_atomic", "read_s3rec", "read_text", "fetch_ml100k", "k_core",
-           "load_dataset", "from_sequences", "MIN_LENGTH", "REPO_ROOT"]
+           "load_dataset", "from_sequences", "split_brand", "S3REC_FIELDS", "MIN_LENGTH", "REPO_ROOT"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_AMAZON = REPO_ROOT.parent / "shared" / "data" / "amazon"
@@ -45,6 +47,8 @@ AMAZON = {"beauty": "Beauty", "sports": "Sports_and_Outdoors"}
 ATOMIC_TYPES = ("token", "token_seq", "float", "float_seq")
 ML100K_WHEEL = "recbole==1.2.1"
 ML100K_MEMBERS = ("recbole/dataset_example/ml-100k/ml-100k.inter", "recbole/dataset_example/ml-100k/ml-100k.item")
+#: the attributes of an S3-Rec dataset: its one field as written (``attribute``), or that field split in two
+S3REC_FIELDS = ("attribute", "brand", "categories")
 #: the shortest history leave-one-out can split: one item to condition on, a validation and a test target
 MIN_LENGTH = 3
 
@@ -160,6 +164,24 @@ def read_s3rec(txt: "str | Path", attributes: "str | Path | None" = None):
                                 f"or numbers), got {toks!r}")
             item_tokens[str(item)] = [str(t) for t in toks]
     return users, item_tokens
+
+
+def split_brand(item_tokens: dict[str, list[str]]) -> dict[str, dict[str, list[str]]]:
+    """Split an S3-Rec Amazon attribute field into ``{"brand": ..., "categories": ...}``.
+
+    S3-Rec's preprocessing (``data/data_process.py`` of the S3-Rec repository) writes each item's list as
+    its brand, when it has one, followed by the tokens of its category paths, all in one id space. A brand
+    therefore only ever stands first in a list, and a category also stands after a brand somewhere: a token
+    seen first and never later is read as the item's brand. Every item keeps its categories; an item
+    without a brand token gets an empty ``brand`` list (padding)."""
+    later = {t for toks in item_tokens.values() for t in toks[1:]}
+    brand: dict[str, list[str]] = {}
+    categories: dict[str, list[str]] = {}
+    for item, toks in item_tokens.items():
+        has_brand = bool(toks) and toks[0] not in later
+        brand[item] = toks[:1] if has_brand else []
+        categories[item] = toks[1:] if has_brand else list(toks)
+    return {"brand": brand, "categories": categories}
 
 
 # ---------------------------------------------------------------------------------------------- ML-100K
@@ -445,16 +467,26 @@ def load_atomic(folder: "str | Path", name: str | None = None, *, k: int = 5,
     return ds
 
 
-def load_s3rec(txt: "str | Path", attributes: "str | Path | None" = None, *, k: int = 5) -> Dataset:
-    """An S3-Rec dataset; ``attributes`` defaults to ``<name>_item2attributes.json`` next to ``txt``."""
+def load_s3rec(txt: "str | Path", attributes: "str | Path | None" = None, *, k: int = 5,
+               fields: list[str] | None = None) -> Dataset:
+    """An S3-Rec dataset; ``attributes`` defaults to ``<name>_item2attributes.json`` next to ``txt``.
+    ``fields`` (among :data:`S3REC_FIELDS`; default ``["attribute"]``): the file's one field as written,
+    and / or its ``brand`` and ``categories`` (:func:`split_brand`)."""
     txt = Path(txt)
+    fields = list(fields or ["attribute"])
+    unknown = [f for f in fields if f not in S3REC_FIELDS]
+    if unknown or len(set(fields)) < len(fields):
+        raise DataError(f"{txt}: attributes {fields}: expected distinct names among {', '.join(S3REC_FIELDS)} "
+                        "(an S3-Rec file has one attribute field, 'attribute', which splits into 'brand' and "
+                        "'categories')")
     if attributes is None:
         cand = txt.with_name(f"{txt.stem}_item2attributes.json")
         attributes = cand if cand.exists() else None
     users, item_tokens = read_s3rec(txt, attributes)
-    ds = from_sequences(txt.stem, users, {"attribute": item_tokens} if item_tokens else {}, k=k,
+    by_field = {"attribute": item_tokens, **split_brand(item_tokens)} if item_tokens else {}
+    ds = from_sequences(txt.stem, users, {f: by_field[f] for f in fields if by_field}, k=k,
                         notes="S3-Rec format (file order = time order)", source=str(txt))
-    ds.attribute_files = {"attribute": str(attributes)} if item_tokens else {}
+    ds.attribute_files = {f: str(attributes) for f in ds.tables}
     return ds
 
 
@@ -469,7 +501,7 @@ def load_dataset(name_or_path: "str | Path" = "ml-100k", *, data: "str | Path | 
         return load_atomic(folder, "ml-100k", k=k, attributes=attributes or ["class"])
     if key in AMAZON:
         folder = Path(data) if data is not None else SHARED_AMAZON
-        ds = load_s3rec(folder / f"{AMAZON[key]}.txt", k=k)
+        ds = load_s3rec(folder / f"{AMAZON[key]}.txt", k=k, fields=attributes)
         ds.name = key
         return ds
     path = Path(name_or_path)
@@ -479,10 +511,10 @@ def load_dataset(name_or_path: "str | Path" = "ml-100k", *, data: "str | Path | 
             return load_atomic(path, inters[0].stem, k=k, attributes=attributes)
         txts = sorted(path.glob("*.txt"))
         if txts:
-            return load_s3rec(txts[0], k=k)
+            return load_s3rec(txts[0], k=k, fields=attributes)
         raise DataError(f"{path}: no .inter or .txt file in this folder")
     if path.suffix == ".inter":
         return load_atomic(path.parent, path.stem, k=k, attributes=attributes)
     if path.suffix == ".txt":
-        return load_s3rec(path, k=k)
+        return load_s3rec(path, k=k, fields=attributes)
     raise DataError(f"{path}: unknown dataset; use ml-100k, beauty, sports, a folder, an .inter or a .txt file")

@@ -723,7 +723,8 @@ def run(dataset, model_name: str, cfg: TrainConfig, model_config: dict | None = 
     test_metrics = evaluate(core, *test, batch_size=cfg.eval_batch_size, rank=rank, world=world,
                             trim=not getattr(core, "length_bound", False))
     epochs_timed = [r["epoch_seconds"] for r in state["history"]]
-    result = {"dataset": dataset.name, "model": model_name, "seed": cfg.seed, "config": asdict(cfg),
+    result = {"dataset": dataset.name, "attributes": {a: dataset.num_classes[a] - 1 for a in dataset.tables},
+              "model": model_name, "seed": cfg.seed, "config": asdict(cfg),
               "model_config": settings, "overrides": state["overrides"],
               "parameters": n_params, "world_size": world, "epochs": state["epoch"],
               "best_epoch": state["best_epoch"], "best_valid_ndcg10": state["best"], "test": test_metrics,

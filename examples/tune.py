@@ -39,8 +39,8 @@ from pathlib import Path
 
 import torch
 
-from cli import boolean, parser, results_file, settings_from_args, table, user_errors
-from data import DataError, Dataset, load_dataset
+from cli import boolean, load_data, parser, results_file, settings_from_args, table, user_errors
+from data import DataError, Dataset
 from dif_attention.models import MODELS, hyper_parameters
 from train import MODEL_FLAGS, RunError, TrainConfig, atomic_write_text, preflight, run
 
@@ -495,7 +495,7 @@ def main(argv=None) -> dict:
     out = {}
     with user_errors(p):
         optuna = _optuna()
-        dataset = load_dataset(args.dataset, data=args.data)
+        dataset = load_data(args)
         for name in args.models:
             preflight(dataset, name, dataclasses.replace(cfg, seed=args.seeds[0]), settings)
         root = Path(args.out) if args.out else Path(cfg.out_dir) / dataset.name / "tune"

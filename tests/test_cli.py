@@ -136,6 +136,19 @@ def test_attr_dim_is_only_checked_for_models_that_use_it(tmp_path):
     assert res[0]["epochs"] == 1
 
 
+def test_attributes_flag_picks_the_fields_a_run_uses(tmp_path, capsys):
+    """--attributes brand: the toy file's tokens each stand alone, first in their lists, so they are brands."""
+    txt = write_s3rec(tmp_path)
+    flags = ["--dataset", str(txt), "--models", "SASRecF", "--epochs", "1", "--dim", "8", "--max-len", "8",
+             "--layers", "1", "--save", "false", "--progress", "false", "--log", "false", "--results", str(tmp_path / "r")]
+    res = sasrec.main(flags + ["--attributes", "brand"])
+    assert res[0]["attributes"] == {"brand": 4}
+    code, err = one_line(capsys, sasrec, flags + ["--attributes", "categories"])
+    assert code == 1 and "toy_item2attributes.json" in err and "attribute 'categories' names none" in err, err
+    code, err = one_line(capsys, sasrec, flags + ["--attributes", ","])
+    assert code == 2 and "--attributes" in err, err
+
+
 @pytest.mark.parametrize("case", ["missing file", "attributes name no item", "no users", "5-core empties"])
 def test_unusable_data_ends_with_one_line_naming_the_file(tmp_path, capsys, case):
     txt = tmp_path / "d.txt"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from data import DataError, k_core, load_atomic, load_dataset, load_s3rec, read_atomic, read_s3rec
+from data import DataError, k_core, load_atomic, load_dataset, load_s3rec, read_atomic, read_s3rec, split_brand
 
 
 def write(path: Path, text: str) -> Path:
@@ -55,6 +55,33 @@ def test_s3rec_reader_and_errors(tmp_path):
     write(tmp_path / "bad.json", '{"10": [1,\n')
     with pytest.raises(DataError, match=r"bad\.json:2:"):
         read_s3rec(t, tmp_path / "bad.json")
+
+
+def test_split_brand_reads_a_token_seen_only_first_as_the_brand():
+    # S3-Rec writes [brand, category path...]; item "c" has no brand, so its first token is a category
+    tokens = {"a": ["B1", "skin", "face"], "b": ["B2", "skin"], "c": ["skin", "face"], "d": ["B1", "hair"],
+              "e": []}
+    fields = split_brand(tokens)
+    assert fields["brand"] == {"a": ["B1"], "b": ["B2"], "c": [], "d": ["B1"], "e": []}
+    assert fields["categories"] == {"a": ["skin", "face"], "b": ["skin"], "c": ["skin", "face"], "d": ["hair"],
+                                    "e": []}
+
+
+def test_s3rec_attributes_choose_the_field_or_its_split(tmp_path):
+    t = write(tmp_path / "toy.txt", "1 10 11 12\n2 11 12 10\n")
+    write(tmp_path / "toy_item2attributes.json", json.dumps({"10": [7, 1, 2], "11": [1], "12": [8, 2]}))
+    whole = load_s3rec(t, k=0)
+    assert list(whole.tables) == ["attribute"] and whole.num_classes["attribute"] == 5
+    split = load_dataset(t, k=0, attributes=["brand", "categories"])
+    assert split.num_classes == {"brand": 3, "categories": 3}
+    # items are numbered by first appearance: 10 -> 1, 11 -> 2, 12 -> 3; item 11 has no brand
+    assert split.tables["brand"][1:, 0].tolist() == [1, 0, 2]
+    assert split.tables["categories"][1:].tolist() == [[1, 2], [1, 0], [2, 0]]
+    assert list(load_dataset(tmp_path, k=0, attributes=["categories"]).tables) == ["categories"]
+    for bad in (["genre"], ["brand", "brand"]):
+        with pytest.raises(DataError, match=r"toy\.txt: attributes .*expected distinct names among attribute, "
+                                            "brand, categories"):
+            load_s3rec(t, k=0, fields=bad)
 
 
 def test_k_core_is_iterative():
@@ -114,6 +141,9 @@ def test_load_dataset_paths(tmp_path):
 def test_beauty_matches_paper_counts():
     ds = load_dataset("beauty")
     assert (len(ds.sequences), ds.num_items, sum(map(len, ds.sequences))) == (22363, 12101, 198502)
+    split = load_dataset("beauty", attributes=["brand", "categories"])
+    assert (split.num_classes["brand"] - 1, split.num_classes["categories"] - 1) == (435, 202)
+    assert ds.num_classes["attribute"] == split.num_classes["brand"] + split.num_classes["categories"] - 1
 
 
 @pytest.mark.skipif(not __import__("os").environ.get("DIF_NETWORK_TESTS"),
