@@ -276,10 +276,14 @@ def compare(p: argparse.ArgumentParser, args, script: str) -> list[dict]:
         torch.set_num_threads(args.threads)
     with user_errors(p):
         rank, world = dist_info()
-        dataset = load_data(args)
+        chosen = None
         if getattr(args, "config", None):
             from tune import read_config, with_attributes
-            dataset = with_attributes(dataset, read_config(args.config)["attributes"])
+            chosen = read_config(args.config)["attributes"]
+        # the attributes a search chose load by name (an S3-Rec file's brand / categories are split on request)
+        dataset = load_dataset(args.dataset, data=args.data, attributes=args.attributes or chosen)
+        if chosen is not None:
+            dataset = with_attributes(dataset, chosen)
         for seed in seeds:
             for name in models:
                 preflight(dataset, name, dataclasses.replace(cfg, seed=seed), model)

@@ -140,7 +140,8 @@ def test_attributes_flag_picks_the_fields_a_run_uses(tmp_path, capsys):
     """--attributes brand: the toy file's tokens each stand alone, first in their lists, so they are brands."""
     txt = write_s3rec(tmp_path)
     flags = ["--dataset", str(txt), "--models", "SASRecF", "--epochs", "1", "--dim", "8", "--max-len", "8",
-             "--layers", "1", "--save", "false", "--progress", "false", "--log", "false", "--results", str(tmp_path / "r")]
+             "--layers", "1", "--save", "false", "--progress", "false", "--log", "false",
+             "--results", str(tmp_path / "r")]
     res = sasrec.main(flags + ["--attributes", "brand"])
     assert res[0]["attributes"] == {"brand": 4}
     code, err = one_line(capsys, sasrec, flags + ["--attributes", "categories"])

@@ -174,3 +174,21 @@ def test_first_trial_is_the_fixed_base_and_off_grid_values_are_drawn(tmp_path):
         tune.search(ds, "DIFSASRec", small, {"dim": 16, "hidden_dropout": 0.2}, trials=2, runner=runner,
                     storage=f"sqlite:///{tmp_path / (name + '.db')}", progress=False, start_from_base=start)
         assert (calls[0] == (2e-3, 10.0, 2, 0.2)) is start
+
+
+def test_a_config_choosing_split_s3rec_fields_loads_them_by_name(tmp_path):
+    """A search over ``--attributes brand,categories`` may keep one of the two: ``--config`` alone loads it."""
+    import sasrec
+    txt = tmp_path / "toy.txt"
+    txt.write_text("".join(f"{u} " + " ".join(str((u + t) % 12 + 1) for t in range(8)) + "\n" for u in range(1, 25)))
+    # brand first where an item has one (items 1, 2, 4, 5, ...), then its categories
+    (tmp_path / "toy_item2attributes.json").write_text(json.dumps(
+        {str(i): ([100 + i % 3] if i % 3 else []) + [i % 4 + 1] for i in range(1, 13)}))
+    best = tmp_path / "best.json"
+    best.write_text(json.dumps({"model": "SASRecF", "train": {"lr": 1e-3}, "model_settings": {"dim": 8},
+                                "attributes": ["categories"]}))
+    flags = ["--dataset", str(txt), "--models", "SASRecF", "--config", str(best), "--epochs", "1", "--max-len", "8",
+             "--save", "false", "--progress", "false", "--log", "false", "--results", str(tmp_path / "s")]
+    assert sasrec.main(flags)[0]["attributes"] == {"categories": 4}
+    with pytest.raises(SystemExit):  # the flag names another field than the file chose
+        sasrec.main(flags + ["--attributes", "brand"])
