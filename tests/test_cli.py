@@ -86,8 +86,7 @@ def test_bad_flag_ends_with_one_line_before_any_work(capsys, monkeypatch, entry,
     def no_data(*args, **kwargs):
         raise AssertionError("the data were loaded before the flags were checked")
 
-    for module in (cli, ablation):
-        monkeypatch.setattr(module, "load_dataset", no_data)
+    monkeypatch.setattr(cli, "load_dataset", no_data)  # every entry point loads its data through cli
     code, err = one_line(capsys, entry, ["--dataset", MISSING, *flags])
     assert code == 2
     assert ": error: " in err, err
