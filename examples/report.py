@@ -53,7 +53,7 @@ def plot_curves(results: list[dict], names: list[str], path: str, metric: str = 
             ax.plot(list(c), list(c.values()), color=color, alpha=0.25, lw=0.8)
         epochs = sorted(set().union(*runs))
         mean = [sum(c[e] for c in runs if e in c) / sum(e in c for c in runs) for e in epochs]
-        ax.plot(epochs, mean, color=color, lw=2, label=f"{name} ({len(runs)} seeds)")
+        ax.plot(epochs, mean, color=color, lw=2, label=f"{name} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
         drawn[name] = (epochs, mean)
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"validation {metric}")
@@ -95,7 +95,7 @@ def write_results(base: Path, results: list[dict], names: list[str], md: str) ->
     """``base.md``: the table and how it was made; ``base.json``: one record per run (no per-epoch history)."""
     base.parent.mkdir(parents=True, exist_ok=True)
     command = "python " + " ".join(sys.argv)
-    runs = [{k: r.get(k) for k in ("model", "dataset", "seed", "config", "model_config", "test", "epochs",
+    runs = [{k: r.get(k) for k in ("model", "dataset", "attributes", "seed", "config", "model_config", "test", "epochs",
                                    "best_epoch", "best_valid_ndcg10", "train_seconds", "time_to_best_seconds",
                                    "seconds_per_epoch", "parameters")} for r in results]
     text = (f"{md}\n\nTest metrics of each run's best-validation-NDCG@10 checkpoint (mean ± sample std over "
