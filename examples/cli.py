@@ -106,9 +106,10 @@ ATTRIBUTES_HELP = ("comma-separated item attributes to use (default: the dataset
                    "and / or categories, that field split apart; atomic files: token_seq fields of the .item file)")
 
 
-def load_data(args):
-    """The dataset of ``--dataset`` / ``--data`` / ``--attributes``."""
-    return load_dataset(args.dataset, data=getattr(args, "data", None), attributes=args.attributes)
+def load_data(args, chosen: list[str] | None = None):
+    """The dataset of ``--dataset`` / ``--data`` / ``--attributes``; without ``--attributes``, the attributes
+    ``chosen`` by a search load by name (an S3-Rec file's brand / categories are split on request)."""
+    return load_dataset(args.dataset, data=args.data, attributes=args.attributes or chosen)
 
 
 def runs_parser(description: str, *, seeds: str, example: str) -> Parser:
@@ -280,8 +281,7 @@ def compare(p: argparse.ArgumentParser, args, script: str) -> list[dict]:
         if getattr(args, "config", None):
             from tune import read_config, with_attributes
             chosen = read_config(args.config)["attributes"]
-        # the attributes a search chose load by name (an S3-Rec file's brand / categories are split on request)
-        dataset = load_dataset(args.dataset, data=args.data, attributes=args.attributes or chosen)
+        dataset = load_data(args, chosen)
         if chosen is not None:
             dataset = with_attributes(dataset, chosen)
         for seed in seeds:
