@@ -96,10 +96,12 @@ def write_results(base: Path, results: list[dict], names: list[str], md: str) ->
     base.parent.mkdir(parents=True, exist_ok=True)
     command = "python " + " ".join(sys.argv)
     runs = [{k: r.get(k) for k in ("model", "dataset", "attributes", "seed", "config", "model_config", "test", "epochs",
-                                   "best_epoch", "best_valid_ndcg10", "train_seconds", "time_to_best_seconds",
-                                   "seconds_per_epoch", "parameters")} for r in results]
-    text = (f"{md}\n\nTest metrics of each run's best-validation-NDCG@10 checkpoint (mean ± sample std over "
-            f"seeds). Table: `{command}`.\n")
+                                   "best_epoch", "best_valid", "best_valid_ndcg10", "train_seconds",
+                                   "time_to_best_seconds", "seconds_per_epoch", "parameters")} for r in results]
+    rules = sorted({r["config"].get("valid_metric", "NDCG@10") for r in results})
+    chosen = (f"best-validation-{rules[0]} checkpoint" if len(rules) == 1 else
+              f"checkpoint with the best validation metric of its run ({', '.join(rules)}: `valid_metric` in the JSON)")
+    text = f"{md}\n\nTest metrics of each run's {chosen} (mean ± sample std over seeds). Table: `{command}`.\n"
     results_file(base, ".md").write_text(text)
     results_file(base, ".json").write_text(json.dumps({"command": command, "models": names, "runs": runs}, indent=1))
     print(f"wrote {results_file(base, '.md')} and {results_file(base, '.json')}")

@@ -22,7 +22,8 @@ Losses (full softmax over all items, class 0 included as in RecBole, its score i
   ``train_mode="prefix"`` trains on every prefix (history + target), ``"all"`` on windows of the history.
 
 DIF models add ``lamb * AAP`` (the target items' attributes, BCE). Evaluation: full ranking of all items,
-Recall@K / NDCG@K; the test metrics are those of the best-validation-NDCG@10 checkpoint (RecBole's convention).
+Recall@K / NDCG@K; the test metrics are those of the checkpoint with the best validation ``valid_metric``
+(NDCG@10 by default; RecBole's ``valid_metric``, which the official DIF-SR configs set to Recall@20).
 
 Multi-process: run the same script under ``torchrun --nproc_per_node=N``; each global batch is split across
 the processes (DistributedDataParallel, gloo on CPU / nccl on GPU), so the optimisation matches one process
@@ -69,9 +70,11 @@ from dif_attention.models.sasrec import FUSIONS
 
 __all__ = ["TrainConfig", "run", "evaluate", "batch_metrics", "rank_metrics", "append_item", "make_model",
            "prepare_model", "check_settings", "preflight", "load_checkpoint", "model_defaults", "RunError",
-           "SettingError", "CheckpointError", "SILENT_SETTINGS", "KS"]
+           "SettingError", "CheckpointError", "SILENT_SETTINGS", "KS", "VALID_METRICS"]
 
 KS = (10, 20)
+#: the validation metrics a run can select its best checkpoint by (``TrainConfig.valid_metric``)
+VALID_METRICS = tuple(f"{m}@{k}" for k in KS for m in ("NDCG", "Recall"))
 
 
 @dataclass
@@ -89,6 +92,7 @@ class TrainConfig:
     epochs: int = 20
     eval_every: int = 1
     patience: int = 5
+    valid_metric: str = "NDCG@10"  # the validation metric that picks the best checkpoint and stops early
     train_mode: str = "all"
     bucket: bool = True
     mask_ratio: float = 0.2
@@ -179,13 +183,15 @@ _TEXT = (lambda v: isinstance(v, str), "a string")
 
 #: the allowed values of the settings that take a name (the CLI's ``choices``)
 CHOICES = {"aap_init": ("prior", "zero"), "optimizer": ("adam", "sgd"), "train_mode": ("all", "prefix"),
-           "precision": ("fp32", "bf16"), "backend": BACKENDS, "pooling": POOLINGS, "fusion": FUSIONS}
+           "precision": ("fp32", "bf16"), "backend": BACKENDS, "pooling": POOLINGS, "fusion": FUSIONS,
+           "valid_metric": VALID_METRICS}
 #: what each TrainConfig field accepts: (test, what is allowed)
 TRAIN_RULES = {
     "lamb": _NON_NEGATIVE, "aap_init": _one_of(CHOICES["aap_init"]), "lr": _POSITIVE, "warmup": _at_least(0),
     "optimizer": _one_of(CHOICES["optimizer"]), "weight_decay": _NON_NEGATIVE, "batch_size": _at_least(1),
     "eval_batch_size": _at_least(1), "epochs": _at_least(1), "eval_every": _at_least(1), "patience": _at_least(0),
-    "train_mode": _one_of(CHOICES["train_mode"]), "bucket": _BOOL, "mask_ratio": _FRACTION, "ft_ratio": _FRACTION,
+    "valid_metric": _one_of(CHOICES["valid_metric"]), "train_mode": _one_of(CHOICES["train_mode"]), "bucket": _BOOL,
+    "mask_ratio": _FRACTION, "ft_ratio": _FRACTION,
     "seed": _at_least(0), "precision": _one_of(CHOICES["precision"]), "max_train_seconds": _NON_NEGATIVE,
     "out_dir": (lambda v: isinstance(v, str) and v != "", "a folder name"), "tag": _TEXT, "resume": _BOOL,
     "resume_override": _BOOL, "save": _BOOL, "checkpoint_every": _at_least(0), "progress": _BOOL, "log": _BOOL,
@@ -512,9 +518,13 @@ def set_rng_state(state: dict) -> None:
 
 def changed_settings(ck: dict, cfg: TrainConfig, settings: dict, world: int) -> dict:
     """Settings that change the math and differ from the checkpoint's: name -> (checkpoint's, now)."""
-    saved = {**{k: v for k, v in ck["config"].items() if k not in SILENT_SETTINGS}, **ck["model_config"],
+    def math(config: dict) -> dict:
+        return {k: v for k, v in config.items() if k not in SILENT_SETTINGS}
+
+    # a setting added after the checkpoint was written takes its default: the behaviour the checkpoint trained with
+    saved = {**math(asdict(TrainConfig())), **math(ck["config"]), **ck["model_config"],
              "world_size": ck.get("world_size", 1)}
-    now = {**{k: v for k, v in asdict(cfg).items() if k not in SILENT_SETTINGS}, **settings, "world_size": world}
+    now = {**math(asdict(cfg)), **settings, "world_size": world}
     missing = "(unset)"
     return {k: (saved.get(k, missing), now.get(k, missing)) for k in sorted(set(saved) | set(now))
             if k not in saved or k not in now or saved[k] != now[k]}
@@ -702,8 +712,9 @@ def run(dataset, model_name: str, cfg: TrainConfig, model_config: dict | None = 
             record.update(valid=metrics, eval_seconds=time.perf_counter() - t1)
             if on_eval is not None:
                 on_eval(epoch, metrics)
-            if metrics["NDCG@10"] > state["best"]:
-                state.update(best=metrics["NDCG@10"], best_epoch=epoch, bad=0, time_to_best=state["train_seconds"])
+            if metrics[cfg.valid_metric] > state["best"]:
+                state.update(best=metrics[cfg.valid_metric], best_epoch=epoch, bad=0,
+                             time_to_best=state["train_seconds"])
                 best_state = {k: v.detach().clone() for k, v in core.state_dict().items()}
             else:
                 state["bad"] += 1
@@ -723,11 +734,13 @@ def run(dataset, model_name: str, cfg: TrainConfig, model_config: dict | None = 
     test_metrics = evaluate(core, *test, batch_size=cfg.eval_batch_size, rank=rank, world=world,
                             trim=not getattr(core, "length_bound", False))
     epochs_timed = [r["epoch_seconds"] for r in state["history"]]
+    chosen = next((r["valid"] for r in state["history"] if r["epoch"] == state["best_epoch"] and "valid" in r), {})
     result = {"dataset": dataset.name, "attributes": {a: dataset.num_classes[a] - 1 for a in dataset.tables},
               "model": model_name, "seed": cfg.seed, "config": asdict(cfg),
               "model_config": settings, "overrides": state["overrides"],
               "parameters": n_params, "world_size": world, "epochs": state["epoch"],
-              "best_epoch": state["best_epoch"], "best_valid_ndcg10": state["best"], "test": test_metrics,
+              "best_epoch": state["best_epoch"], "best_valid": state["best"],
+              "best_valid_ndcg10": chosen.get("NDCG@10", state["best"]), "test": test_metrics,
               "train_seconds": state["train_seconds"], "time_to_best_seconds": state["time_to_best"],
               "seconds_per_epoch": float(np.median(epochs_timed)) if epochs_timed else 0.0,
               "history": state["history"]}

@@ -489,6 +489,9 @@ def main(argv=None) -> dict:
     if not args.trials and not args.minutes:
         p.error("--trials / --minutes: expected a budget (trials > 0 or minutes > 0)")
     cfg, settings = settings_from_args(p, args)
+    if cfg.valid_metric != OBJECTIVE:
+        p.error(f"--valid-metric: the search selects by validation {OBJECTIVE}; expected {OBJECTIVE}, got "
+                f"{cfg.valid_metric}")
     if args.threads:
         torch.set_num_threads(args.threads)
     command = "python " + " ".join(sys.argv if argv is None else ["examples/tune.py", *argv])

@@ -264,6 +264,24 @@ def test_resume_with_other_settings_is_refused_or_recorded(toy, tmp_path, capsys
     assert {g["lr"] for g in files["last"]["optimizer"]["param_groups"]} == {0.01}  # the new lr was used
 
 
+def test_checkpoint_from_before_a_new_setting_resumes_with_its_default(toy, tmp_path, capsys):
+    """A ``last.pt`` written before ``valid_metric`` existed trained with its default (NDCG@10): it resumes
+    as is, and a resume that picks another metric is refused, naming the setting."""
+    base = run_args(toy, tmp_path)
+    base[base.index("--epochs") + 1] = "1"
+    sasrec_main(base)
+    last = tmp_path / "toy" / "DIFSASRec" / "seed0" / "last.pt"
+    ck = torch.load(last, weights_only=True)
+    del ck["config"]["valid_metric"]
+    torch.save(ck, last)
+    more = [*base, "--epochs", "2", "--resume", "true"]
+    err = one_line_error(capsys, [*more, "--valid-metric", "Recall@20"])
+    assert "valid_metric 'NDCG@10' -> 'Recall@20'" in err, err
+    sasrec_main(more)
+    files = run_files(tmp_path)
+    assert files["result"]["epochs"] == 2 and files["result"]["overrides"] == []
+
+
 @pytest.mark.parametrize("damage", ["truncated", "foreign", "not torch"])
 def test_unreadable_checkpoint_gives_one_line_naming_it(toy, tmp_path, capsys, damage):
     base = run_args(toy, tmp_path)

@@ -46,6 +46,33 @@ def test_prefix_mode_and_resume(tmp_path):
     assert type(best).__name__ == "DIFSASRec" and best.dim == 16 and best.max_len == 12
 
 
+@pytest.mark.parametrize("metric, best, epochs", [("NDCG@10", 5, 5), ("Recall@20", 2, 4)])
+def test_valid_metric_picks_the_checkpoint_and_stops(monkeypatch, metric, best, epochs):
+    """Scripted validation curves: Recall@20 peaks at epoch 2, NDCG@10 rises to epoch 5. The run keeps the
+    checkpoint of the chosen metric's best epoch and stops ``patience`` + 1 validations after it."""
+    import numpy as np
+    import train
+    curve = {"NDCG@10": [0.1, 0.2, 0.3, 0.4, 0.5], "Recall@20": [0.3, 0.9, 0.5, 0.4, 0.2]}
+    ds = synthetic()
+    valid, test = (ds.split(name, TINY_MODEL["max_len"])[1] for name in ("valid", "test"))
+    assert not np.array_equal(valid, test)
+    real, seen = train.evaluate, []
+
+    def scripted(model, hist, targets, **kw):
+        metrics = real(model, hist, targets, **kw)
+        if np.array_equal(targets, valid):
+            metrics = {**metrics, **{k: v[len(seen)] for k, v in curve.items()}}
+            seen.append(metrics)
+        return metrics
+
+    monkeypatch.setattr(train, "evaluate", scripted)
+    r = run(ds, "SASRec", TrainConfig(**TINY, epochs=5, patience=1, valid_metric=metric), TINY_MODEL)
+    assert r["best_epoch"] == best and r["epochs"] == epochs == len(seen)
+    assert r["best_valid"] == curve[metric][best - 1]
+    assert r["best_valid_ndcg10"] == curve["NDCG@10"][best - 1]
+    assert r["config"]["valid_metric"] == metric
+
+
 def test_entry_scripts_on_user_files(tmp_path, capsys):
     txt = write_s3rec(tmp_path)
     import bert4rec

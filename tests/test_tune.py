@@ -71,6 +71,9 @@ def test_search_writes_outputs_round_trips_and_resumes(tmp_path, capsys):
     with pytest.raises(SystemExit):  # other fixed settings: refused, not mixed into the study
         tune.main(common[:-len(SMALL)] + [*SMALL[2:], "--epochs", "3", "--trials", "4", "--final", "false"])
     assert "other fixed settings (epochs)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the objective is validation NDCG@10: another selection rule is refused
+        tune.main(common + ["--valid-metric", "Recall@20", "--final", "false"])
+    assert "--valid-metric: the search selects by validation NDCG@10" in capsys.readouterr().err
 
 
 class PruneSecondTrial(optuna.pruners.BasePruner):
