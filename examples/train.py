@@ -518,13 +518,13 @@ def set_rng_state(state: dict) -> None:
 
 def changed_settings(ck: dict, cfg: TrainConfig, settings: dict, world: int) -> dict:
     """Settings that change the math and differ from the checkpoint's: name -> (checkpoint's, now)."""
-    def math(config: dict) -> dict:
+    def of_math(config: dict) -> dict:
         return {k: v for k, v in config.items() if k not in SILENT_SETTINGS}
 
     # a setting added after the checkpoint was written takes its default: the behaviour the checkpoint trained with
-    saved = {**math(asdict(TrainConfig())), **math(ck["config"]), **ck["model_config"],
+    saved = {**of_math(asdict(TrainConfig())), **of_math(ck["config"]), **ck["model_config"],
              "world_size": ck.get("world_size", 1)}
-    now = {**math(asdict(cfg)), **settings, "world_size": world}
+    now = {**of_math(asdict(cfg)), **settings, "world_size": world}
     missing = "(unset)"
     return {k: (saved.get(k, missing), now.get(k, missing)) for k in sorted(set(saved) | set(now))
             if k not in saved or k not in now or saved[k] != now[k]}
