@@ -203,8 +203,9 @@ def _masked_softmax(logits: Tensor, allowed: Tensor | None) -> Tensor:
 
 
 def _score_dtype(t: Tensor) -> torch.dtype:
-    """float16 scores are formed in float32: ``q . k`` above 65504 would overflow (SDPA and the kernels
-    accumulate in float32 too, so every backend agrees). bfloat16 has float32's range."""
+    """The oracle's score dtype: float16 scores are formed in float32, since ``q . k`` above 65504 would overflow
+    (SDPA and the kernels accumulate in float32 too). bfloat16 has float32's range and stays bfloat16 here, each
+    source's score matrix as the reference computes it; the ``math`` path forms its one folded matrix in float32."""
     return torch.float32 if t.dtype == torch.float16 else t.dtype
 
 
