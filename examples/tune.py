@@ -21,7 +21,8 @@ the fixed base that the searched settings override.
 Outputs under ``--out`` (default ``runs/<dataset>/tune/``): ``study.db`` (the SQLite storage: rerun the same
 command to resume, up to the same ``--trials``), and per model ``best.json`` (``{"model", "train",
 "model_settings", "attributes"}``, read back by :func:`load_config`), ``trials.md`` (one row per trial),
-``history.png``, ``importance.png``, ``curves.png`` (validation NDCG@10 per epoch) and ``final.json``.
+``history.png``, ``importance.png``, ``curves.png`` (validation NDCG@10 per epoch), ``curves.csv`` (the same
+values: ``trial,state,epoch,value``; what the pruner compared) and ``final.json``.
 
 Pruning: bad trials stop early when ``train.run`` takes an ``on_eval(epoch, metrics)`` callback (called after
 each validation; an exception raised in it ends the run). Without it each trial trains to its end and its
@@ -49,9 +50,9 @@ try:
 except ImportError:  # pragma: no cover
     tqdm = None
 
-__all__ = ["SPACE", "search_space", "suggest", "base_params", "search", "write_outputs", "trials_table", "best_config",
-           "read_config", "load_config", "with_attributes", "validation_only", "ValidationOnly", "final_runs",
-           "main"]
+__all__ = ["SPACE", "search_space", "suggest", "base_params", "search", "write_outputs", "trials_table", "curves_csv",
+           "best_config", "read_config", "load_config", "with_attributes", "validation_only", "ValidationOnly",
+           "final_runs", "main"]
 
 MODELS_DEFAULT = ["SASRec", "SASRecF", "DIFSASRec"]
 OBJECTIVE = "NDCG@10"
@@ -379,6 +380,16 @@ def trials_table(study) -> str:
     return "\n".join(lines)
 
 
+def curves_csv(study) -> str:
+    """CSV ``trial,state,epoch,value``: each trial's validation NDCG@10 after every epoch it trained (the
+    values the pruner compared; a trial switched off without training has no row)."""
+    lines = ["trial,state,epoch,value"]
+    for t in study.trials:
+        lines += [f"{t.number},{t.state.name.lower()},{epoch},{value:.6g}"
+                  for epoch, value in sorted(t.intermediate_values.items())]
+    return "\n".join(lines) + "\n"
+
+
 def _plots(study, folder: Path) -> list[Path]:
     """``history.png`` (value per trial, best so far), ``importance.png`` (each setting's importance,
     PED-ANOVA; needs two complete trials), ``curves.png`` (validation NDCG@10 per epoch of each trial)."""
@@ -406,13 +417,13 @@ def _plots(study, folder: Path) -> list[Path]:
 
 
 def write_outputs(study, folder: "str | Path", *, storage: str = "", command: str = "") -> dict[str, Path]:
-    """Write ``best.json`` (:func:`best_config`), ``trials.md`` (:func:`trials_table` under a header) and the
-    plots into ``folder``; returns name -> path."""
+    """Write ``best.json`` (:func:`best_config`), ``trials.md`` (:func:`trials_table` under a header),
+    ``curves.csv`` (:func:`curves_csv`) and the plots into ``folder``; returns name -> path."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = best_config(study)
     best = study.best_trial
-    paths = {"config": folder / "best.json", "trials": folder / "trials.md"}
+    paths = {"config": folder / "best.json", "trials": folder / "trials.md", "curves_csv": folder / "curves.csv"}
     atomic_write_text(paths["config"], json.dumps(config, indent=1) + "\n")
     counts = {}
     for t in study.trials:
@@ -423,6 +434,7 @@ def write_outputs(study, folder: "str | Path", *, storage: str = "", command: st
               + f". Best: trial {best.number}, {best.value:.4f}.\n\n"
               + (f"Storage: `{storage}`  \n" if storage else "") + (f"Command: `{command}`\n\n" if command else "\n"))
     atomic_write_text(paths["trials"], header + trials_table(study) + "\n")
+    atomic_write_text(paths["curves_csv"], curves_csv(study))
     for path in _plots(study, folder):
         paths[path.stem] = path
     return paths

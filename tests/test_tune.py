@@ -58,6 +58,13 @@ def test_search_writes_outputs_round_trips_and_resumes(tmp_path, capsys):
     assert len(rows) == 2 and all("complete" in r for r in rows) and f"| **{best.number}** |" in "\n".join(rows)
     for name in ("history", "importance", "curves"):
         assert paths[name].read_bytes()[:8] == PNG
+    # curves.csv: one row per trained epoch of each trial, the values the pruner saw
+    rows = paths["curves_csv"].read_text().splitlines()
+    assert rows[0] == "trial,state,epoch,value"
+    assert [r.split(",")[:3] for r in rows[1:]] == [[str(t.number), "complete", str(e)] for t in study.trials
+                                                    for e in sorted(t.intermediate_values)]
+    assert len(rows) == 1 + 2 * 2  # 2 trials x 2 epochs
+    assert float(rows[-1].split(",")[3]) == pytest.approx(study.trials[1].intermediate_values[2], rel=1e-5)
     # the final run: the chosen configuration, tested once, on the real data
     final = json.loads((out / "DIFSASRec" / "final.json").read_text())
     assert final["best_trial"] == best.number and len(final["results"]) == 1
