@@ -252,9 +252,17 @@ def _best_seen(trial) -> float | None:
     return max(trial.intermediate_values.values()) if trial.intermediate_values else None
 
 
+def default_prune_after(epochs: int) -> int:
+    """The first epoch at which the median pruner may stop a trial: half of ``epochs`` (at least 1). A draw
+    with a low learning rate or more layers starts slowly and would be cut early by a study whose other trials
+    start fast."""
+    return max(1, epochs // 2)
+
+
 def search(dataset, model_name: str, cfg: TrainConfig, settings: dict | None = None, *, trials: int = 20,
            minutes: float = 0.0, storage: str = "sqlite:///tune.db", study_name: str | None = None, pruner=None,
-           prune_after: int = 3, seed: int = 0, runner=run, progress: bool = True, start_from_base: bool = True):
+           prune_after: int | None = None, seed: int = 0, runner=run, progress: bool = True,
+           start_from_base: bool = True):
     """Search ``model_name``'s settings on ``dataset`` and return the Optuna study.
 
     Each trial draws a configuration (:func:`suggest`), trains it with ``runner`` (``train.run``'s signature)
@@ -262,7 +270,8 @@ def search(dataset, model_name: str, cfg: TrainConfig, settings: dict | None = N
     The study lives in ``storage`` as ``study_name`` (default ``<dataset>-<model>``) and resumes when it exists
     (its fixed settings must match). Budget: ``trials`` counted trials in the study (0 = no limit) and
     ``minutes`` of this call (0 = no limit; a running trial finishes). ``pruner``: an Optuna pruner (default
-    ``MedianPruner(n_startup_trials=5, n_warmup_steps=prune_after)``, steps are epochs); it acts when
+    ``MedianPruner(n_startup_trials=5, n_warmup_steps=prune_after)``, steps are epochs; ``prune_after``
+    defaults to half of ``cfg.epochs``, so a slow starter is not stopped on its first epochs); it acts when
     ``runner`` takes ``on_eval``. A trial whose switches turn every attribute off is recorded as pruned at once,
     without training, and not counted. ``start_from_base``: a new study's first trial is the fixed base
     configuration (:func:`base_params`), so the chosen one is never worse on validation than the base.
@@ -273,7 +282,8 @@ def search(dataset, model_name: str, cfg: TrainConfig, settings: dict | None = N
         raise RunError("the search needs a budget: trials > 0 or minutes > 0")
     study_name = study_name or f"{dataset.name}-{model_name}"
     if pruner is None:
-        pruner = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=prune_after)
+        warmup = default_prune_after(cfg.epochs) if prune_after is None else prune_after
+        pruner = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=warmup)
     store = _storage(optuna, storage)
     started = (len(optuna.load_study(study_name=study_name, storage=store).trials)
                if study_name in optuna.get_all_study_names(store) else 0)
@@ -490,13 +500,14 @@ def main(argv=None) -> dict:
     g.add_argument("--pruner", choices=("median", "none"), default="median",
                    help="median: stop a trial whose validation NDCG@10 is below the median of earlier trials at the "
                         "same epoch (needs train.run's on_eval); none: every trial trains to its end")
-    g.add_argument("--prune-after", type=int, default=3, help="epochs before a trial may be pruned (default 3)")
+    g.add_argument("--prune-after", type=int, default=None, help="first epoch at which a trial may be pruned "
+                   "(default: half of --epochs)")
     g.add_argument("--start-from-base", type=boolean, default=True, metavar="BOOL",
                    help="a new study's first trial is the fixed base configuration given by the flags (default true)")
     g.add_argument("--final", type=boolean, default=True, metavar="BOOL",
                    help="train and test the chosen configuration of each model (default true)")
     args = p.parse_args(argv)
-    if args.trials < 0 or args.minutes < 0 or args.prune_after < 0:
+    if args.trials < 0 or args.minutes < 0 or (args.prune_after or 0) < 0:
         p.error("--trials, --minutes and --prune-after: expected numbers >= 0")
     if not args.trials and not args.minutes:
         p.error("--trials / --minutes: expected a budget (trials > 0 or minutes > 0)")
@@ -515,8 +526,7 @@ def main(argv=None) -> dict:
             preflight(dataset, name, dataclasses.replace(cfg, seed=args.seeds[0]), settings)
         root = Path(args.out) if args.out else Path(cfg.out_dir) / dataset.name / "tune"
         storage = args.storage or f"sqlite:///{root / 'study.db'}"
-        pruner = (optuna.pruners.NopPruner() if args.pruner == "none" else
-                  optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=args.prune_after))
+        pruner = optuna.pruners.NopPruner() if args.pruner == "none" else None
         print(dataset.stats() + (f"; {dataset.notes}" if dataset.notes else ""), flush=True)
         for name in args.models:
             print(f"[{name}] searching {', '.join(search_space(name, dataset, settings))}; storage {storage}",
@@ -524,7 +534,8 @@ def main(argv=None) -> dict:
             t0 = time.perf_counter()
             study = search(dataset, name, dataclasses.replace(cfg, seed=args.seeds[0]), settings,
                            trials=args.trials, minutes=args.minutes, storage=storage, pruner=pruner,
-                           seed=args.seeds[0], progress=cfg.progress, start_from_base=args.start_from_base)
+                           prune_after=args.prune_after, seed=args.seeds[0], progress=cfg.progress,
+                           start_from_base=args.start_from_base)
             paths = write_outputs(study, root / name, storage=storage, command=command)
             best = study.best_trial
             print(f"[{name}] best trial {best.number}: valid {OBJECTIVE} {best.value:.4f} ({_params(best)}); "

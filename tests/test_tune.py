@@ -202,3 +202,26 @@ def test_a_config_choosing_split_s3rec_fields_loads_them_by_name(tmp_path):
     assert sasrec.main(flags)[0]["attributes"] == {"categories": 4}
     with pytest.raises(SystemExit):  # the flag names another field than the file chose
         sasrec.main(flags + ["--attributes", "brand"])
+
+
+@pytest.mark.parametrize("prune_after, stopped_at", [(None, 4), (1, 1)])
+def test_median_pruner_waits_half_the_epochs_by_default(tmp_path, prune_after, stopped_at):
+    """Five trials report 1.0 at every epoch; the sixth reports 0.0 and is stopped at the first epoch the pruner
+    may act on: half of 8 epochs by default, or the epoch given."""
+    calls = []
+
+    def runner(dataset, model_name, cfg, settings, *, on_eval):
+        value = 1.0 if len(calls) < 5 else 0.0
+        calls.append(value)
+        for epoch in range(1, cfg.epochs + 1):
+            on_eval(epoch, {tune.OBJECTIVE: value})
+        return {"epochs": cfg.epochs, "best_epoch": 1, "best_valid_ndcg10": value, "history": []}
+
+    cfg = TrainConfig(epochs=8, batch_size=16, progress=False, log=False)
+    study = tune.search(synthetic(), "SASRec", cfg, {"dim": 16, "max_len": 12}, trials=6,
+                        storage=f"sqlite:///{tmp_path / 's.db'}", prune_after=prune_after, runner=runner,
+                        progress=False)
+    states = [t.state.name for t in study.trials]
+    assert states == ["COMPLETE"] * 5 + ["PRUNED"]
+    assert sorted(study.trials[-1].intermediate_values) == list(range(1, stopped_at + 1))
+    assert tune.default_prune_after(8) == 4 and tune.default_prune_after(1) == 1
