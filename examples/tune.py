@@ -51,8 +51,8 @@ except ImportError:  # pragma: no cover
     tqdm = None
 
 __all__ = ["SPACE", "search_space", "suggest", "base_params", "default_prune_after", "search", "write_outputs",
-           "trials_table", "curves_csv", "best_config", "read_config", "load_config", "with_attributes", "validation_only", "ValidationOnly",
-           "final_runs", "main"]
+           "trials_table", "curves_csv", "best_config", "read_config", "load_config", "with_attributes",
+           "validation_only", "ValidationOnly", "final_runs", "main"]
 
 MODELS_DEFAULT = ["SASRec", "SASRecF", "DIFSASRec"]
 OBJECTIVE = "NDCG@10"
