@@ -62,6 +62,47 @@ def test_python_blocks_run(doc, tmp_path, monkeypatch):
             raise AssertionError(f"{doc.relative_to(ROOT)}, block at line {line}: {type(exc).__name__}: {exc}") from exc
 
 
+def heading_anchors(text: str) -> set[str]:
+    """GitHub's anchor of every Markdown heading outside fenced blocks: lower case, punctuation dropped,
+    spaces to hyphens."""
+    prose, inside = [], None
+    for line in text.splitlines():
+        m = FENCE.match(line)
+        if m and (inside is None or m["fence"].startswith(inside)):
+            inside = m["fence"] if inside is None else None
+        elif inside is None:
+            prose.append(line)
+    titles = re.findall(r"^#{1,6} (.+?)#*$", "\n".join(prose), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", t.strip().lower()).replace(" ", "-") for t in titles}
+
+
+def broken_anchors(doc: Path) -> list[str]:
+    """The ``[text](file.md#anchor)`` and ``[text](#anchor)`` links of ``doc`` whose file or heading is missing."""
+    broken = []
+    for target, anchor in re.findall(r"\]\(([^)#\s]*)#([^)\s]+)\)", doc.read_text()):
+        if target.startswith(("http://", "https://")):
+            continue
+        page = doc.parent / target if target else doc
+        if not page.is_file() or anchor not in heading_anchors(page.read_text()):
+            broken.append(f"{target}#{anchor}")
+    return broken
+
+
+def test_heading_anchors():
+    text = "# Top\n## The median pruner: Sports (21 trials)\n```bash\n# not a heading\n```\n"
+    assert heading_anchors(text) == {"top", "the-median-pruner-sports-21-trials"}
+
+
+def test_broken_anchor_is_found(tmp_path):
+    (tmp_path / "a.md").write_text("# A\n[ok](#a) [self](#b) [other](c.md#a) [there](a.md#a)\n")
+    assert broken_anchors(tmp_path / "a.md") == ["#b", "c.md#a"]
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_anchor_links_resolve(doc):
+    assert not broken_anchors(doc), f"{doc.relative_to(ROOT)}: links to a missing heading: {broken_anchors(doc)}"
+
+
 def public_names() -> list[str]:
     names = [n for n in dif_attention.__all__ if n != "functional"]
     names += [f"functional.{n}" for n in functional.__all__ if n not in dif_attention.__all__]
