@@ -50,9 +50,9 @@ try:
 except ImportError:  # pragma: no cover
     tqdm = None
 
-__all__ = ["SPACE", "search_space", "suggest", "base_params", "default_prune_after", "search", "write_outputs",
-           "trials_table", "curves_csv", "best_config", "read_config", "load_config", "with_attributes",
-           "validation_only", "ValidationOnly", "final_runs", "main"]
+__all__ = ["SPACE", "search_space", "suggest", "base_params", "shared_params", "default_prune_after", "search",
+           "write_outputs", "trials_table", "curves_csv", "best_config", "read_config", "load_config",
+           "with_attributes", "validation_only", "ValidationOnly", "final_runs", "main"]
 
 MODELS_DEFAULT = ["SASRec", "SASRecF", "DIFSASRec"]
 OBJECTIVE = "NDCG@10"
@@ -175,6 +175,27 @@ def base_params(model_name: str, dataset, cfg: TrainConfig, settings: dict | Non
     return params
 
 
+def shared_params(model_name: str, dataset, cfg: TrainConfig, settings: dict | None, config: dict) -> dict:
+    """A trial of ``model_name`` started from another search's choice: ``config`` (:func:`read_config`'s dict,
+    of any model) gives every setting that both its model and ``model_name`` search (the learning rate, layers,
+    heads, dropouts, attribute switches, ...); the settings only ``model_name`` searches keep the base's values
+    (:func:`base_params`). A value off this model's grid (e.g. more heads than its width takes) is the base's."""
+    params = base_params(model_name, dataset, cfg, settings)
+    theirs = set(search_space(config["model"], dataset, config["model_settings"]))
+    for name in search_space(model_name, dataset, settings):
+        if name not in theirs:
+            continue
+        if name.startswith(SWITCH) and name not in SPACE:
+            if config.get("attributes") is not None:
+                params[name] = name[len(SWITCH):] in config["attributes"]
+            continue
+        part, draw, _ = SPACE[name]
+        value = config["train" if part == "train" else "model_settings"].get(name)
+        if value is not None and draw.accepts(value, settings):
+            params[name] = value
+    return params
+
+
 # ---------------------------------------------------------------------------------------------- data views
 def with_attributes(dataset, names=None):
     """A copy of ``dataset`` holding only the attributes ``names`` (None: ``dataset`` itself)."""
@@ -262,7 +283,7 @@ def default_prune_after(epochs: int) -> int:
 def search(dataset, model_name: str, cfg: TrainConfig, settings: dict | None = None, *, trials: int = 20,
            minutes: float = 0.0, storage: str = "sqlite:///tune.db", study_name: str | None = None, pruner=None,
            prune_after: int | None = None, seed: int = 0, runner=run, progress: bool = True,
-           start_from_base: bool = True):
+           start_from_base: bool = True, enqueue=()):
     """Search ``model_name``'s settings on ``dataset`` and return the Optuna study.
 
     Each trial draws a configuration (:func:`suggest`), trains it with ``runner`` (``train.run``'s signature)
@@ -275,6 +296,9 @@ def search(dataset, model_name: str, cfg: TrainConfig, settings: dict | None = N
     ``runner`` takes ``on_eval``. A trial whose switches turn every attribute off is recorded as pruned at once,
     without training, and not counted. ``start_from_base``: a new study's first trial is the fixed base
     configuration (:func:`base_params`), so the chosen one is never worse on validation than the base.
+    ``enqueue``: configurations chosen by other searches (:func:`read_config` dicts, e.g. a tuned SASRec's
+    ``best.json``); each is queued as a trial of this study with the settings the two models share
+    (:func:`shared_params`), once per study however often the command is rerun.
     """
     optuna = _optuna()
     settings = dict(settings or {})
@@ -303,6 +327,8 @@ def search(dataset, model_name: str, cfg: TrainConfig, settings: dict | None = N
     hooked = "on_eval" in inspect.signature(runner).parameters
     if start_from_base and not study.trials:
         study.enqueue_trial(base_params(model_name, dataset, cfg, settings))
+    for config in enqueue:
+        study.enqueue_trial(shared_params(model_name, dataset, cfg, settings, config), skip_if_exists=True)
 
     def objective(trial):
         cfg_t, settings_t, attributes = suggest(trial, model_name, dataset, cfg, settings)
@@ -504,6 +530,9 @@ def main(argv=None) -> dict:
                    "(default: half of --epochs)")
     g.add_argument("--start-from-base", type=boolean, default=True, metavar="BOOL",
                    help="a new study's first trial is the fixed base configuration given by the flags (default true)")
+    g.add_argument("--enqueue", default="", metavar="FILES",
+                   help="comma-separated best.json files of other searches (any model): each is queued as a trial "
+                        "with the settings its model and the searched one share, the rest from the flags")
     g.add_argument("--final", type=boolean, default=True, metavar="BOOL",
                    help="train and test the chosen configuration of each model (default true)")
     args = p.parse_args(argv)
@@ -521,6 +550,7 @@ def main(argv=None) -> dict:
     out = {}
     with user_errors(p):
         optuna = _optuna()
+        seeded = [read_config(f) for f in args.enqueue.split(",") if f.strip()]
         dataset = load_data(args)
         for name in args.models:
             preflight(dataset, name, dataclasses.replace(cfg, seed=args.seeds[0]), settings)
@@ -535,7 +565,7 @@ def main(argv=None) -> dict:
             study = search(dataset, name, dataclasses.replace(cfg, seed=args.seeds[0]), settings,
                            trials=args.trials, minutes=args.minutes, storage=storage, pruner=pruner,
                            prune_after=args.prune_after, seed=args.seeds[0], progress=cfg.progress,
-                           start_from_base=args.start_from_base)
+                           start_from_base=args.start_from_base, enqueue=seeded)
             paths = write_outputs(study, root / name, storage=storage, command=command)
             best = study.best_trial
             print(f"[{name}] best trial {best.number}: valid {OBJECTIVE} {best.value:.4f} ({_params(best)}); "

@@ -225,3 +225,47 @@ def test_median_pruner_waits_half_the_epochs_by_default(tmp_path, prune_after, s
     assert states == ["COMPLETE"] * 5 + ["PRUNED"]
     assert sorted(study.trials[-1].intermediate_values) == list(range(1, stopped_at + 1))
     assert tune.default_prune_after(8) == 4 and tune.default_prune_after(1) == 1
+
+
+def test_a_trial_seeded_from_another_search_takes_the_shared_settings(tmp_path, capsys):
+    """``--enqueue``: a tuned SASRecF's choice enters a DIF-SASRec study with the settings both search; DIF's own
+    settings stay the base's, a SASRec choice (no attributes) leaves the switches on, and a rerun adds nothing."""
+    ds = two_attributes()
+    sasrecf = {"model": "SASRecF", "train": {"lr": 4.3e-4, "lamb": 10.0},
+               "model_settings": {"layers": 3, "heads": 8, "hidden_dropout": 0.0, "attn_dropout": 0.1,
+                                  "attr_dim": 64, "input_fusion": False}, "attributes": ["mod3"]}
+    sasrec = {"model": "SASRec", "train": {"lr": 5.6e-4}, "model_settings": {"layers": 2, "heads": 16},
+              "attributes": None}
+    cfg = TrainConfig(lr=2e-3, lamb=1.0, epochs=1)
+    base = {"dim": 16, "attr_dim": 8, "input_fusion": True}
+    assert tune.shared_params("DIFSASRec", ds, cfg, base, sasrecf) == {
+        "lr": 4.3e-4, "layers": 3, "heads": 8, "hidden_dropout": 0.0, "attn_dropout": 0.1,  # SASRecF's
+        "attr_dim": 8, "fusion": "gate", "lamb": 1.0, "input_fusion": True,  # the base's: SASRecF does not search them
+        "use_mod4": False, "use_mod3": True}  # SASRecF's switches
+    # 16 heads do not divide the width 16 into 1/2/4/8: the base's 2; no attributes in SASRec's choice: both on
+    assert tune.shared_params("DIFSASRec", ds, cfg, base, sasrec) == {
+        **tune.base_params("DIFSASRec", ds, cfg, base), "lr": 5.6e-4, "layers": 2}
+    assert tune.shared_params("SASRec", ds, cfg, {"dim": 16}, sasrecf) == {
+        "lr": 4.3e-4, "layers": 3, "heads": 8, "hidden_dropout": 0.0, "attn_dropout": 0.1}
+
+    calls = []
+
+    def runner(dataset, model_name, cfg, settings):
+        calls.append((cfg.lr, settings["layers"], settings["attr_dim"], sorted(dataset.tables)))
+        return {"best_valid_ndcg10": 0.1, "history": [], "epochs": 1, "best_epoch": 1}
+
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    for trials in (2, 3):  # the second call resumes the study: SASRecF's choice is not queued again
+        study = tune.search(ds, "DIFSASRec", cfg, base, trials=trials, runner=runner, storage=storage,
+                            progress=False, enqueue=[sasrecf])
+    assert calls[:2] == [(2e-3, 2, 8, ["mod3", "mod4"]), (4.3e-4, 3, 8, ["mod3"])]
+    assert len(study.trials) == 3 and calls[2][:2] != (4.3e-4, 3)
+
+    # on the command line: a file that is not a best.json is named
+    bad = tmp_path / "best.json"
+    bad.write_text("[1, 2]")
+    txt = write_s3rec(tmp_path)
+    with pytest.raises(SystemExit):
+        tune.main(["--dataset", str(txt), "--models", "SASRec", "--out", str(tmp_path / "t"), "--enqueue", str(bad),
+                   "--trials", "1", *SMALL])
+    assert str(bad) in capsys.readouterr().err
