@@ -50,7 +50,8 @@ try:
 except ImportError:  # pragma: no cover
     tqdm = None
 
-__all__ = ["SPACE", "search_space", "suggest", "base_params", "shared_params", "default_prune_after", "search",
+__all__ = ["SPACE", "search_space", "suggest", "base_params", "shared_params", "read_history", "default_prune_after",
+           "search",
            "write_outputs", "trials_table", "curves_csv", "best_config", "read_config", "load_config",
            "with_attributes", "validation_only", "ValidationOnly", "final_runs", "main"]
 
@@ -70,6 +71,7 @@ def _choice(*values):
     def draw(trial, name, base):
         return trial.suggest_categorical(name, list(values))
     draw.accepts = lambda value, base: value in values
+    draw.values = values
     return draw
 
 
@@ -196,6 +198,93 @@ def shared_params(model_name: str, dataset, cfg: TrainConfig, settings: dict | N
     return params
 
 
+def read_history(folder: "str | Path") -> list[dict]:
+    """The finished trials of an earlier search, from the outputs :func:`write_outputs` left in ``folder``:
+    ``trials.md`` (one row per trial) and, where present, ``curves.csv`` (each trial's validation NDCG@10 per
+    epoch). One dict per complete or pruned row, in the table's order: ``{"params": {name: text}, "state",
+    "value", "epochs", "seconds", "curve": [(epoch, value)], "attributes", "source"}``; ``attributes`` is what the
+    command in the header passed to ``--attributes`` (None: the dataset's), for rows that have no switches.
+    The values stay text until :func:`search` reads them against the searched model's space. A malformed file
+    raises :class:`RunError` naming the file and line."""
+    folder = Path(folder)
+    path = folder / "trials.md"
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as err:
+        raise RunError(f"{path}: cannot read the trials of an earlier search ({err.strerror or err})") from None
+    attributes, model = None, None
+    for line in lines:
+        if line.startswith("# Search: "):
+            model = line[len("# Search: "):].split(",")[0].strip()
+        if line.startswith("Command: `"):
+            words = line[len("Command: `"):].rstrip("`").split()
+            if "--attributes" in words[:-1]:
+                attributes = [a for a in words[words.index("--attributes") + 1].split(",") if a]
+    curves: dict[int, list] = {}
+    csv = folder / "curves.csv"
+    if csv.exists():
+        for n, line in enumerate(csv.read_text().splitlines()[1:], start=2):
+            try:
+                trial, _, epoch, value = line.split(",")
+                curves.setdefault(int(trial), []).append((int(epoch), float(value)))
+            except ValueError:
+                raise RunError(f"{csv}, line {n}: expected trial,state,epoch,value, got {line!r}") from None
+    records = []
+    for n, line in enumerate(lines, start=1):
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not line.startswith("| ") or len(cells) != 6 or not cells[0].strip("*").isdigit():
+            continue
+        number, state, value, epochs, seconds, settings = cells
+        if state not in ("complete", "pruned"):
+            continue
+        try:
+            params = dict(item.split("=", 1) for item in settings.split(", ")) if settings else {}
+            record = {"model": model, "params": params, "state": state, "value": float(value) if value else None,
+                      "epochs": int(epochs), "seconds": float(seconds), "attributes": attributes,
+                      "curve": sorted(curves.get(int(number.strip("*")), [])), "source": f"{path}, line {n}"}
+        except ValueError:
+            raise RunError(f"{path}, line {n}: expected | trial | state | value | epochs | seconds | "
+                           f"name=value, ... |, got {line!r}") from None
+        if state == "complete" and record["value"] is None:
+            raise RunError(f"{path}, line {n}: a complete trial without a value")
+        records.append(record)
+    if not records:
+        raise RunError(f"{path}: no complete or pruned trial in it (expected the trials.md of a search)")
+    return records
+
+
+def _history_params(record: dict, model_name: str, dataset, settings: dict) -> dict:
+    """``record``'s settings (:func:`read_history`) as values of ``model_name``'s space; a switch the row lacks
+    is on where the row's ``--attributes`` named the attribute (all on without them)."""
+    names = search_space(model_name, dataset, settings)
+    unknown = sorted(set(record["params"]) - set(names))
+    if unknown:
+        raise RunError(f"{record['source']}: {', '.join(unknown)} not searched for {model_name} (it searches "
+                       f"{', '.join(names)})")
+    params = {}
+    for name in names:
+        text = record["params"].get(name)
+        if name.startswith(SWITCH) and name not in SPACE:
+            on = name[len(SWITCH):] in record["attributes"] if record["attributes"] is not None else True
+            params[name] = on if text is None else text == "True"
+            continue
+        if text is None:
+            raise RunError(f"{record['source']}: no value for {name}, which {model_name} searches")
+        draw = SPACE[name][1]
+        choices = getattr(draw, "values", None) or (_head_counts(settings) if draw is _heads else None)
+        if choices is not None:
+            match = [c for c in choices if _short(c) == text or str(c) == text]
+            if not match:
+                raise RunError(f"{record['source']}: {name}={text} is not one of {', '.join(map(str, choices))}")
+            params[name] = match[0]
+        else:
+            try:
+                params[name] = float(text)
+            except ValueError:
+                raise RunError(f"{record['source']}: {name}={text}: expected a number") from None
+    return params
+
+
 # ---------------------------------------------------------------------------------------------- data views
 def with_attributes(dataset, names=None):
     """A copy of ``dataset`` holding only the attributes ``names`` (None: ``dataset`` itself)."""
@@ -283,7 +372,7 @@ def default_prune_after(epochs: int) -> int:
 def search(dataset, model_name: str, cfg: TrainConfig, settings: dict | None = None, *, trials: int = 20,
            minutes: float = 0.0, storage: str = "sqlite:///tune.db", study_name: str | None = None, pruner=None,
            prune_after: int | None = None, seed: int = 0, runner=run, progress: bool = True,
-           start_from_base: bool = True, enqueue=()):
+           start_from_base: bool = True, enqueue=(), history=()):
     """Search ``model_name``'s settings on ``dataset`` and return the Optuna study.
 
     Each trial draws a configuration (:func:`suggest`), trains it with ``runner`` (``train.run``'s signature)
@@ -298,7 +387,10 @@ def search(dataset, model_name: str, cfg: TrainConfig, settings: dict | None = N
     configuration (:func:`base_params`), so the chosen one is never worse on validation than the base.
     ``enqueue``: configurations chosen by other searches (:func:`read_config` dicts, e.g. a tuned SASRec's
     ``best.json``); each is queued as a trial of this study with the settings the two models share
-    (:func:`shared_params`), once per study however often the command is rerun.
+    (:func:`shared_params`), once per study however often the command is rerun. ``history``: trials of earlier
+    searches of this model under the same fixed settings (:func:`read_history` records, e.g. from a search whose
+    ``study.db`` is gone): a new study starts with them as finished trials (values, curves, settings), in place
+    of the base, so the sampler goes on where they stopped; a study that has trials already takes none.
     """
     optuna = _optuna()
     settings = dict(settings or {})
@@ -325,7 +417,11 @@ def search(dataset, model_name: str, cfg: TrainConfig, settings: dict | None = N
         raise RunError(f"{storage}: study {study_name!r} was run with other fixed settings "
                        f"({', '.join(other + diff)}); give them as before, or a new --out / --storage")
     hooked = "on_eval" in inspect.signature(runner).parameters
-    if start_from_base and not study.trials:
+    rebuilt = bool(history) and not study.trials
+    if rebuilt:
+        _add_history(optuna, study, history, model_name, dataset, cfg, settings)
+        study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))  # as if resumed
+    elif start_from_base and not study.trials:
         study.enqueue_trial(base_params(model_name, dataset, cfg, settings))
     for config in enqueue:
         study.enqueue_trial(shared_params(model_name, dataset, cfg, settings, config), skip_if_exists=True)
@@ -382,7 +478,10 @@ def search(dataset, model_name: str, cfg: TrainConfig, settings: dict | None = N
             study.stop()
 
     if todo != 0:
-        if done:
+        if rebuilt:
+            say(f"[{model_name}] study {study_name!r} starts from {done} finished trials of earlier searches "
+                f"(--history), of {trials or 'unlimited'}")
+        elif done:
             say(f"[{model_name}] resuming study {study_name!r}: {done} of {trials or 'unlimited'} trials done")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # stale-trial checks, Optuna < 4
@@ -390,6 +489,32 @@ def search(dataset, model_name: str, cfg: TrainConfig, settings: dict | None = N
     if bar is not None:
         bar.close()
     return study
+
+
+def _add_history(optuna, study, history, model_name: str, dataset, cfg: TrainConfig, settings: dict) -> None:
+    """Record each of ``history`` (:func:`read_history`) in ``study`` as a finished trial: its settings drawn
+    through :func:`suggest` (so the distributions and the ``config`` are those of a trial run here), its curve
+    reported epoch by epoch, then told complete with its value or pruned."""
+    params = [_history_params(r, model_name, dataset, settings) for r in history]  # every row checked first
+    for record, values in zip(history, params):
+        study.enqueue_trial(values)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # heartbeats are meant for optimize(); nothing runs here
+            trial = study.ask()
+        cfg_t, settings_t, attributes = suggest(trial, model_name, dataset, cfg, settings)
+        trial.set_user_attr("config", {"model": model_name, "train": dataclasses.asdict(cfg_t),
+                                       "model_settings": settings_t, "attributes": attributes})
+        trial.set_user_attr("history", record["source"])
+        trial.set_user_attr("epochs", record["epochs"])
+        trial.set_user_attr("seconds", record["seconds"])
+        if attributes == []:
+            trial.set_user_attr("skipped", "every attribute switched off")
+        for epoch, value in record["curve"]:
+            trial.report(value, epoch)
+        if record["state"] == "complete":
+            study.tell(trial, record["value"])
+        else:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
 
 
 # ---------------------------------------------------------------------------------------------- outputs
@@ -409,7 +534,7 @@ def trials_table(study) -> str:
     for t in study.trials:
         value = _best_seen(t)
         epochs = t.user_attrs.get("epochs", max(t.intermediate_values, default=0))
-        seconds = t.duration.total_seconds() if t.duration else 0.0
+        seconds = t.user_attrs.get("seconds", t.duration.total_seconds() if t.duration else 0.0)
         number = f"**{t.number}**" if t.number == best else str(t.number)
         lines.append(f"| {number} | {t.state.name.lower()} | {'' if value is None else f'{value:.4f}'} | {epochs} "
                      f"| {seconds:.1f} | {_params(t)} |")
@@ -533,6 +658,10 @@ def main(argv=None) -> dict:
     g.add_argument("--enqueue", default="", metavar="FILES",
                    help="comma-separated best.json files of other searches (any model): each is queued as a trial "
                         "with the settings its model and the searched one share, the rest from the flags")
+    g.add_argument("--history", default="", metavar="FOLDERS",
+                   help="comma-separated output folders of earlier searches under the same fixed settings (their "
+                        "trials.md and curves.csv): a new study of their model starts with their trials as finished "
+                        "ones, in place of the base")
     g.add_argument("--final", type=boolean, default=True, metavar="BOOL",
                    help="train and test the chosen configuration of each model (default true)")
     args = p.parse_args(argv)
@@ -551,6 +680,7 @@ def main(argv=None) -> dict:
     with user_errors(p):
         optuna = _optuna()
         seeded = [read_config(f) for f in args.enqueue.split(",") if f.strip()]
+        past = [r for f in args.history.split(",") if f.strip() for r in read_history(f.strip())]
         dataset = load_data(args)
         for name in args.models:
             preflight(dataset, name, dataclasses.replace(cfg, seed=args.seeds[0]), settings)
@@ -565,7 +695,8 @@ def main(argv=None) -> dict:
             study = search(dataset, name, dataclasses.replace(cfg, seed=args.seeds[0]), settings,
                            trials=args.trials, minutes=args.minutes, storage=storage, pruner=pruner,
                            prune_after=args.prune_after, seed=args.seeds[0], progress=cfg.progress,
-                           start_from_base=args.start_from_base, enqueue=seeded)
+                           start_from_base=args.start_from_base, enqueue=seeded,
+                           history=[r for r in past if r["model"] in (None, name)])
             paths = write_outputs(study, root / name, storage=storage, command=command)
             best = study.best_trial
             print(f"[{name}] best trial {best.number}: valid {OBJECTIVE} {best.value:.4f} ({_params(best)}); "

@@ -269,3 +269,87 @@ def test_a_trial_seeded_from_another_search_takes_the_shared_settings(tmp_path, 
         tune.main(["--dataset", str(txt), "--models", "SASRec", "--out", str(tmp_path / "t"), "--enqueue", str(bad),
                    "--trials", "1", *SMALL])
     assert str(bad) in capsys.readouterr().err
+
+
+def test_a_search_goes_on_from_the_trials_md_of_earlier_ones(tmp_path):
+    """``--history``: a new study starts with the trials an earlier search wrote to ``trials.md`` / ``curves.csv``
+    (settings, values, curves, seconds, the best's config), then draws more; a row whose switches are missing
+    takes its command's ``--attributes``; rows of another model, malformed rows and missing files are named."""
+    ds = two_attributes()
+    cfg = TrainConfig(lr=2e-3, lamb=1.0, epochs=2)
+    base = {"dim": 16, "attr_dim": 8}
+    calls = []
+
+    def runner(dataset, model_name, cfg, settings):
+        calls.append((cfg.lr, settings["layers"]))
+        value = 0.1 + cfg.lr + settings["layers"] / 100  # differs per draw
+        return {"best_valid_ndcg10": value, "epochs": 2, "best_epoch": 2,
+                "history": [{"epoch": 1, "valid": {"NDCG@10": value / 2}}, {"epoch": 2, "valid": {"NDCG@10": value}}]}
+
+    first = tune.search(ds, "DIFSASRec", cfg, base, trials=3, runner=runner, storage=f"sqlite:///{tmp_path / 'a.db'}",
+                        progress=False)
+    earlier = tmp_path / "earlier"
+    tune.write_outputs(first, earlier, command="python examples/tune.py --models DIFSASRec")
+    records = tune.read_history(earlier)
+    assert [r["state"] for r in records] == ["complete"] * 3 and {r["model"] for r in records} == {"DIFSASRec"}
+
+    calls.clear()
+    again = tune.search(ds, "DIFSASRec", cfg, base, trials=5, runner=runner, storage=f"sqlite:///{tmp_path / 'b.db'}",
+                        progress=False, history=records)
+    assert len(calls) == 2 and len(again.trials) == 5  # three from the file, two drawn afresh
+    for old, new in zip(first.trials, again.trials):
+        assert new.value == pytest.approx(old.value, rel=1e-3)  # trials.md keeps 4 digits
+        assert new.intermediate_values == pytest.approx(old.intermediate_values, rel=1e-5)
+        assert {k: v for k, v in new.params.items() if k != "lr"} == {k: v for k, v in old.params.items() if k != "lr"}
+        assert new.params["lr"] == pytest.approx(old.params["lr"], rel=1e-3)
+    if again.best_trial.number < 3:  # a rebuilt best trial gives the config it trained with
+        assert again.best_trial.user_attrs["config"]["model_settings"]["layers"] == first.best_trial.params["layers"]
+    table = tune.trials_table(again)
+    assert f"| {first.trials[0].duration.total_seconds():.1f} |" in table.splitlines()[2]  # its seconds, not 0
+    assert tune.search(ds, "DIFSASRec", cfg, base, trials=5, runner=runner, storage=f"sqlite:///{tmp_path / 'b.db'}",
+                       progress=False, history=records).trials.__len__() == 5  # a study with trials takes none
+
+    # a one-attribute run: its rows have no switches; the command's --attributes says which attribute was on
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "trials.md").write_text(
+        "# Search: SASRecF, study 'two-SASRecF'\n\nCommand: `python examples/tune.py --attributes mod3 --models "
+        "SASRecF`\n\n| trial | state | valid NDCG@10 | epochs | seconds | settings |\n|---|---|---|---|---|---|\n"
+        "| **0** | complete | 0.2500 | 2 | 12.5 | lr=0.0005, layers=3, heads=8, hidden_dropout=0, attn_dropout=0.1 |\n")
+    study = tune.search(ds, "SASRecF", cfg, {"dim": 16}, trials=1, runner=runner, progress=False,
+                        storage=f"sqlite:///{tmp_path / 'c.db'}", history=tune.read_history(one))
+    assert calls[2:] == [] and study.trials[0].params == {
+        "lr": 5e-4, "layers": 3, "heads": 8, "hidden_dropout": 0.0, "attn_dropout": 0.1,
+        "use_mod4": False, "use_mod3": True}
+    assert study.best_trial.user_attrs["config"]["attributes"] == ["mod3"]
+
+    # errors name the file and the line
+    with pytest.raises(RunError, match=r"trials\.md, line 9: attr_dim, fusion, input_fusion, lamb not searched"):
+        tune.search(ds, "SASRecF", cfg, {"dim": 16}, trials=1, runner=runner, progress=False,
+                    storage=f"sqlite:///{tmp_path / 'd.db'}", history=records[:1])
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "trials.md").write_text("| 0 | complete | high | 2 | 1.0 | lr=0.001 |\n")
+    with pytest.raises(RunError, match=r"bad/trials\.md, line 1: expected \| trial"):
+        tune.read_history(bad)
+    (bad / "trials.md").write_text("| 0 | complete | 0.2 | 2 | 1.0 | lr=0.001, layers=5, heads=8, hidden_dropout=0, "
+                                   "attn_dropout=0 |\n")
+    with pytest.raises(RunError, match=r"line 1: layers=5 is not one of 1, 2, 3, 4"):
+        tune.search(ds, "SASRec", cfg, {"dim": 16}, trials=1, runner=runner, progress=False,
+                    storage=f"sqlite:///{tmp_path / 'e.db'}", history=tune.read_history(bad))
+    with pytest.raises(RunError, match=r"nowhere/trials\.md: cannot read"):
+        tune.read_history(tmp_path / "nowhere")
+
+
+def test_history_on_the_command_line_goes_to_its_own_model(tmp_path, capsys):
+    """``--history`` folders are matched to the searched models by the model their trials.md names."""
+    txt = write_s3rec(tmp_path)
+    common = ["--dataset", str(txt), "--out-dir", str(tmp_path / "runs"), "--final", "false", *SMALL]
+    tune.main(common + ["--models", "DIFSASRec", "--trials", "1", "--out", str(tmp_path / "first")])
+    out = tune.main(common + ["--models", "SASRec,DIFSASRec", "--trials", "2", "--out", str(tmp_path / "second"),
+                              "--history", str(tmp_path / "first" / "DIFSASRec")])
+    assert "starts from 1 finished trials of earlier searches" in capsys.readouterr().out
+    dif, sasrec = out["DIFSASRec"]["study"], out["SASRec"]["study"]
+    assert dif.trials[0].user_attrs["history"].endswith("trials.md, line 10")
+    assert "history" not in dif.trials[1].user_attrs
+    assert not any("history" in t.user_attrs for t in sasrec.trials) and len(sasrec.trials) == 2
