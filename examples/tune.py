@@ -65,13 +65,14 @@ PRESENTATION = ("out_dir", "tag", "progress", "log", "save", "checkpoint_every",
 
 # ---------------------------------------------------------------------------------------------- search space
 # A draw is ``draw(trial, name, base) -> value``; its ``accepts(value, base)`` says whether a fixed value lies in
-# the space (the base configuration is enqueued as a study's first trial only with the values that do).
+# the space (the base configuration is enqueued as a study's first trial only with the values that do), its
+# ``choices(base)`` lists the values of a categorical setting (None for a number).
 def _choice(*values):
     """A categorical setting over ``values``."""
     def draw(trial, name, base):
         return trial.suggest_categorical(name, list(values))
     draw.accepts = lambda value, base: value in values
-    draw.values = values
+    draw.choices = lambda base: values
     return draw
 
 
@@ -86,6 +87,7 @@ def _uniform(low: float, high: float, *, step: float | None = None, log: bool = 
             return False
         return step is None or abs((value - low) / step - round((value - low) / step)) < 1e-6
     draw.accepts = accepts
+    draw.choices = lambda base: None  # a number, not a list
     return draw
 
 
@@ -100,6 +102,7 @@ def _heads(trial, name, base):
 
 
 _heads.accepts = lambda value, base: value in _head_counts(base)
+_heads.choices = _head_counts
 
 
 def _every(model_name: str, base: dict) -> bool:
@@ -134,6 +137,11 @@ SPACE = {
 }
 
 
+def _attribute(name: str) -> str | None:
+    """The attribute a ``use_<attribute>`` switch turns on or off; None for a setting of :data:`SPACE`."""
+    return name[len(SWITCH):] if name.startswith(SWITCH) and name not in SPACE else None
+
+
 def search_space(model_name: str, dataset, settings: dict | None = None) -> list[str]:
     """The names ``model_name`` searches on ``dataset`` (base model ``settings``): its settings of :data:`SPACE`,
     then ``use_<attribute>`` for each attribute when the model takes attributes and the dataset has several."""
@@ -150,9 +158,9 @@ def suggest(trial, model_name: str, dataset, cfg: TrainConfig, settings: dict | 
     settings = dict(settings or {})
     train, model, attributes = {}, {}, None
     for name in search_space(model_name, dataset, settings):
-        if name.startswith(SWITCH) and name not in SPACE:
+        if _attribute(name) is not None:
             if trial.suggest_categorical(name, [True, False]):
-                attributes = (attributes or []) + [name[len(SWITCH):]]
+                attributes = (attributes or []) + [_attribute(name)]
             elif attributes is None:
                 attributes = []
             continue
@@ -167,7 +175,7 @@ def base_params(model_name: str, dataset, cfg: TrainConfig, settings: dict | Non
     settings = dict(settings or {})
     params = {}
     for name in search_space(model_name, dataset, settings):
-        if name.startswith(SWITCH) and name not in SPACE:
+        if _attribute(name) is not None:
             params[name] = True
             continue
         part, draw, _ = SPACE[name]
@@ -187,9 +195,9 @@ def shared_params(model_name: str, dataset, cfg: TrainConfig, settings: dict | N
     for name in search_space(model_name, dataset, settings):
         if name not in theirs:
             continue
-        if name.startswith(SWITCH) and name not in SPACE:
+        if _attribute(name) is not None:
             if config.get("attributes") is not None:
-                params[name] = name[len(SWITCH):] in config["attributes"]
+                params[name] = _attribute(name) in config["attributes"]
             continue
         part, draw, _ = SPACE[name]
         value = config["train" if part == "train" else "model_settings"].get(name)
@@ -264,14 +272,12 @@ def _history_params(record: dict, model_name: str, dataset, settings: dict) -> d
     params = {}
     for name in names:
         text = record["params"].get(name)
-        if name.startswith(SWITCH) and name not in SPACE:
-            on = name[len(SWITCH):] in record["attributes"] if record["attributes"] is not None else True
-            params[name] = on if text is None else text == "True"
+        if _attribute(name) is not None and text is None:
+            params[name] = record["attributes"] is None or _attribute(name) in record["attributes"]
             continue
         if text is None:
             raise RunError(f"{record['source']}: no value for {name}, which {model_name} searches")
-        draw = SPACE[name][1]
-        choices = getattr(draw, "values", None) or (_head_counts(settings) if draw is _heads else None)
+        choices = (True, False) if _attribute(name) is not None else SPACE[name][1].choices(settings)
         if choices is not None:
             match = [c for c in choices if _short(c) == text or str(c) == text]
             if not match:

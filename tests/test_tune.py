@@ -337,6 +337,11 @@ def test_a_search_goes_on_from_the_trials_md_of_earlier_ones(tmp_path):
     with pytest.raises(RunError, match=r"line 1: layers=5 is not one of 1, 2, 3, 4"):
         tune.search(ds, "SASRec", cfg, {"dim": 16}, trials=1, runner=runner, progress=False,
                     storage=f"sqlite:///{tmp_path / 'e.db'}", history=tune.read_history(bad))
+    (bad / "trials.md").write_text("| 0 | complete | 0.2 | 2 | 1.0 | lr=0.001, layers=1, heads=8, hidden_dropout=0, "
+                                   "attn_dropout=0, use_mod4=yes, use_mod3=True |\n")
+    with pytest.raises(RunError, match=r"line 1: use_mod4=yes is not one of True, False"):
+        tune.search(ds, "SASRecF", cfg, {"dim": 16}, trials=1, runner=runner, progress=False,
+                    storage=f"sqlite:///{tmp_path / 'f.db'}", history=tune.read_history(bad))
     with pytest.raises(RunError, match=r"nowhere/trials\.md: cannot read"):
         tune.read_history(tmp_path / "nowhere")
 
