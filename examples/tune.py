@@ -51,8 +51,7 @@ except ImportError:  # pragma: no cover
     tqdm = None
 
 __all__ = ["SPACE", "search_space", "suggest", "base_params", "shared_params", "read_history", "default_prune_after",
-           "search",
-           "write_outputs", "trials_table", "curves_csv", "best_config", "read_config", "load_config",
+           "search", "write_outputs", "trials_table", "curves_csv", "best_config", "read_config", "load_config",
            "with_attributes", "validation_only", "ValidationOnly", "final_runs", "main"]
 
 MODELS_DEFAULT = ["SASRec", "SASRecF", "DIFSASRec"]
@@ -209,8 +208,9 @@ def shared_params(model_name: str, dataset, cfg: TrainConfig, settings: dict | N
 def read_history(folder: "str | Path") -> list[dict]:
     """The finished trials of an earlier search, from the outputs :func:`write_outputs` left in ``folder``:
     ``trials.md`` (one row per trial) and, where present, ``curves.csv`` (each trial's validation NDCG@10 per
-    epoch). One dict per complete or pruned row, in the table's order: ``{"params": {name: text}, "state",
-    "value", "epochs", "seconds", "curve": [(epoch, value)], "attributes", "source"}``; ``attributes`` is what the
+    epoch). One dict per complete or pruned row, in the table's order: ``{"model", "params": {name: text},
+    "state", "value", "epochs", "seconds", "curve": [(epoch, value)], "attributes", "source"}`` (``model`` from the
+    header, so ``--history`` gives each folder to its model); ``attributes`` is what the
     command in the header passed to ``--attributes`` (None: the dataset's), for rows that have no switches.
     The values stay text until :func:`search` reads them against the searched model's space. A malformed file
     raises :class:`RunError` naming the file and line."""
