@@ -433,9 +433,7 @@ def search(dataset, model_name: str, cfg: TrainConfig, settings: dict | None = N
         study.enqueue_trial(shared_params(model_name, dataset, cfg, settings, config), skip_if_exists=True)
 
     def objective(trial):
-        cfg_t, settings_t, attributes = suggest(trial, model_name, dataset, cfg, settings)
-        trial.set_user_attr("config", {"model": model_name, "train": dataclasses.asdict(cfg_t),
-                                       "model_settings": settings_t, "attributes": attributes})
+        cfg_t, settings_t, attributes = _draw(trial, model_name, dataset, cfg, settings)
         if attributes == []:
             trial.set_user_attr("skipped", "every attribute switched off")
             raise optuna.TrialPruned("every attribute switched off")
@@ -497,6 +495,15 @@ def search(dataset, model_name: str, cfg: TrainConfig, settings: dict | None = N
     return study
 
 
+def _draw(trial, model_name: str, dataset, cfg: TrainConfig, settings: dict):
+    """:func:`suggest` for ``trial``, and its configuration kept on the trial (``config``, what :func:`best_config`
+    gives back)."""
+    cfg_t, settings_t, attributes = suggest(trial, model_name, dataset, cfg, settings)
+    trial.set_user_attr("config", {"model": model_name, "train": dataclasses.asdict(cfg_t),
+                                   "model_settings": settings_t, "attributes": attributes})
+    return cfg_t, settings_t, attributes
+
+
 def _add_history(optuna, study, history, model_name: str, dataset, cfg: TrainConfig, settings: dict) -> None:
     """Record each of ``history`` (:func:`read_history`) in ``study`` as a finished trial: its settings drawn
     through :func:`suggest` (so the distributions and the ``config`` are those of a trial run here), its curve
@@ -507,9 +514,7 @@ def _add_history(optuna, study, history, model_name: str, dataset, cfg: TrainCon
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # heartbeats are meant for optimize(); nothing runs here
             trial = study.ask()
-        cfg_t, settings_t, attributes = suggest(trial, model_name, dataset, cfg, settings)
-        trial.set_user_attr("config", {"model": model_name, "train": dataclasses.asdict(cfg_t),
-                                       "model_settings": settings_t, "attributes": attributes})
+        attributes = _draw(trial, model_name, dataset, cfg, settings)[2]
         trial.set_user_attr("history", record["source"])
         trial.set_user_attr("epochs", record["epochs"])
         trial.set_user_attr("seconds", record["seconds"])
