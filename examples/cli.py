@@ -150,7 +150,8 @@ def parser(description: str, models: list[str], defaults: dict | None = None) ->
     train = p.add_argument_group("training (TrainConfig)")
     base = dataclasses.replace(TrainConfig(), **{k: v for k, v in defaults.items() if k in TRAIN_FIELDS})
     for f in dataclasses.fields(TrainConfig):
-        _add(train, f.name, getattr(base, f.name), type(f.default))
+        if f.name != "seed":  # --seeds sets it, one run per seed (``--seed 3`` abbreviates ``--seeds 3``)
+            _add(train, f.name, getattr(base, f.name), type(f.default))
     model = p.add_argument_group("model settings (keywords of dif_attention.models; each model takes its own)")
     model_base = {}
     for name, (default, kind) in MODEL_FLAGS.items():
@@ -289,7 +290,8 @@ def compare(p: argparse.ArgumentParser, args, script: str) -> list[dict]:
                 preflight(dataset, name, dataclasses.replace(cfg, seed=seed), model)
         if rank == 0:
             print(dataset.stats() + (f"; {dataset.notes}" if dataset.notes else ""), flush=True)
-            print("training: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()), flush=True)
+            print("training: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items() if k != "seed")
+                  + f", seeds={','.join(map(str, seeds))}", flush=True)
             print("model: " + ", ".join(f"{k}={v}" for k, v in model.items()), flush=True)
         t0 = time.perf_counter()
         results = []

@@ -149,6 +149,18 @@ def test_attributes_flag_picks_the_fields_a_run_uses(tmp_path, capsys):
     assert code == 2 and "--attributes" in err, err
 
 
+def test_seed_is_the_seeds_flag_and_the_printed_config_names_the_seeds_run(tmp_path, capsys):
+    """There is one seed flag, --seeds: --seed 3 runs seed 3 (not a silent seed 0), and the printed
+    training line names the seeds that run, not a stale single seed."""
+    txt = write_s3rec(tmp_path)
+    res = sasrec.main(["--dataset", str(txt), "--models", "SASRec", "--seed", "3", "--epochs", "1", "--dim", "8",
+                       "--max-len", "8", "--layers", "1", "--save", "false", "--progress", "false", "--log", "false",
+                       "--results", str(tmp_path / "r")])
+    assert [r["seed"] for r in res] == [3]
+    training = [line for line in capsys.readouterr().out.splitlines() if line.startswith("training: ")]
+    assert len(training) == 1 and training[0].endswith(", seeds=3") and "seed=" not in training[0], training
+
+
 @pytest.mark.parametrize("case", ["missing file", "attributes name no item", "no users", "5-core empties"])
 def test_unusable_data_ends_with_one_line_naming_the_file(tmp_path, capsys, case):
     txt = tmp_path / "d.txt"
