@@ -117,6 +117,8 @@ def aap_loss(logits: Mapping[str, Tensor], targets: Mapping[str, Tensor], *, val
         t = targets[a]
         check_tensor(f"targets[{a!r}]", t)
         v = lg.shape[-1]
+        if not isinstance(pad_id, int) or isinstance(pad_id, bool) or not 0 <= pad_id < v:
+            fail("pad_id", f"an int in [0, {v}) (= num_classes of logits[{a!r}])", repr(pad_id))
         if t.is_floating_point():
             if t.shape != lg.shape:
                 fail(f"targets[{a!r}]", f"a multi-hot of shape {tuple(lg.shape)}", t.shape)

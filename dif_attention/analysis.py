@@ -23,12 +23,13 @@ The early-fusion baselines the paper compares against live in :mod:`dif_attentio
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .errors import check_tensor, fail
+from .errors import check_finite, check_int, check_tensor, fail
 from .functional import ScoreMaps
 
 __all__ = ["numerical_rank", "effective_rank", "block_ranks", "layer_ranks", "summarize", "rank_bound",
@@ -38,7 +39,20 @@ MEASURES = ("numerical", "effective")
 
 
 def _svdvals(m: Tensor) -> Tensor:
+    check_finite("m", m, expected="finite values (the SVD of NaN or inf has no rank)")
     return torch.linalg.svdvals(m.to(torch.float64))
+
+
+def _check_tolerance(arg: str, tol) -> float:
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
+        fail(arg, "a finite float >= 0", repr(tol))
+    return float(tol)
+
+
+def _check_lengths(lengths: Tensor) -> None:
+    check_tensor("lengths", lengths, ndim=1)
+    if lengths.is_floating_point() or lengths.dtype == torch.bool or lengths.is_complex():
+        fail("lengths", "an integer tensor of valid lengths (b,)", f"dtype {lengths.dtype}")
 
 
 def default_rtol(m: Tensor) -> float:
@@ -55,9 +69,8 @@ def numerical_rank(m: Tensor, *, rtol: float | None = None, atol: float = 0.0) -
     check_tensor("m", m, floating=True)
     if m.ndim < 2:
         fail("m", "a matrix or a batch of matrices (..., r, c)", m.shape)
-    rtol = default_rtol(m) if rtol is None else float(rtol)
-    if rtol < 0 or atol < 0:
-        fail("rtol", "non-negative tolerances", f"rtol={rtol}, atol={atol}")
+    rtol = default_rtol(m) if rtol is None else _check_tolerance("rtol", rtol)
+    atol = _check_tolerance("atol", atol)
     s = _svdvals(m)
     if s.shape[-1] == 0:
         return torch.zeros(m.shape[:-2], dtype=torch.long)
@@ -103,7 +116,7 @@ def block_ranks(scores: Tensor, lengths: Tensor | None = None, *, measure: str =
         fail("scores", "square score matrices (b, h, n, n)", scores.shape)
     if lengths is None:
         return _measure(scores, measure, rtol)
-    check_tensor("lengths", lengths, ndim=1)
+    _check_lengths(lengths)
     if scores.shape[0] not in (1, lengths.shape[0]):
         fail("lengths", f"one length per sample of scores (b={scores.shape[0]})", lengths.shape)
     if lengths.numel() and (int(lengths.min()) < 1 or int(lengths.max()) > n):
@@ -161,8 +174,11 @@ def head_widths(module: nn.Module) -> list[int]:
 def rank_bound(lengths: "Tensor | int", widths: Sequence[int]) -> Tensor:
     """Theorem 4.1's bound per sample: ``min(L, sum(widths))`` -> ``(b,)`` float64 (``widths`` from
     :func:`head_widths`: ``[d_h]`` for early fusion, one width per source for decoupled fusion)."""
-    if isinstance(lengths, int):
-        lengths = torch.tensor([lengths])
+    if not isinstance(lengths, Tensor):
+        lengths = torch.tensor([check_int("lengths", lengths, minimum=0)])
+    _check_lengths(lengths)
+    if lengths.numel() and int(lengths.min()) < 0:
+        fail("lengths", "valid lengths >= 0", f"lengths in [{int(lengths.min())}, {int(lengths.max())}]")
     if not widths or any(int(w) < 1 for w in widths):
         fail("widths", "a non-empty list of positive head widths", list(widths))
     return lengths.to(torch.float64).clamp_max(float(sum(int(w) for w in widths)))

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .errors import DIFError, check_divisible, check_int, check_matches, check_probability, check_tensor, fail
+from .errors import (DIFError, check_bool, check_divisible, check_int, check_matches, check_probability,
+                     check_tensor, fail)
 from .errors import check_finite as check_finite_values
 from .functional import BACKENDS, ScoreMaps, decoupled_attention, reference_attention
 from .fusion import Fusion, get_fusion
@@ -189,7 +190,7 @@ class DecoupledAttention(nn.Module):
         self.dim_head = check_divisible("dim", dim, heads)
         if backend not in BACKENDS:
             fail("backend", f"one of {BACKENDS}", repr(backend))
-        self.dim, self.heads, self.position = dim, heads, bool(position)
+        self.dim, self.heads, self.position = dim, heads, check_bool("position", position)
         self.attr_dims = check_attr_dims(attr_dims, heads)
         self.attn_dropout = check_probability("attn_dropout", attn_dropout)
         self.backend, self.check_finite = backend, check_finite

@@ -19,7 +19,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .attention import KVCache, check_attr_dims, check_cache
-from .errors import check_divisible, check_int, check_probability, check_tensor, fail
+from .errors import check_bool, check_divisible, check_int, check_probability, check_tensor, fail
 from .functional import BACKENDS, ScoreMaps, decoupled_attention, reference_attention
 
 __all__ = ["InputFusion", "EarlyFusionAttention", "STYLES", "COMBINES"]
@@ -101,7 +101,7 @@ class EarlyFusionAttention(nn.Module):
             fail("backend", f"one of {BACKENDS}", repr(backend))
         check_int("heads", heads)
         self.dim_head = check_divisible("dim", dim, heads)
-        self.dim, self.heads, self.style, self.position = dim, heads, style, bool(position)
+        self.dim, self.heads, self.style, self.position = dim, heads, style, check_bool("position", position)
         self.attr_dims = check_attr_dims(attr_dims, 1)
         self.attn_dropout, self.backend = check_probability("attn_dropout", attn_dropout), backend
         self.fuse = InputFusion(dim, attr_dims=self.attr_dims, combine=combine, bias=bias)

@@ -8,7 +8,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .errors import check_int, check_tensor, fail
+from .errors import check_bool, check_int, check_tensor, fail
 
 __all__ = ["AttributeEmbedding", "item_attribute_table"]
 
@@ -90,6 +90,7 @@ class AttributeEmbedding(nn.Module):
         if not isinstance(num_classes, Mapping) or not num_classes:
             fail("num_classes", "a non-empty mapping of attribute -> vocabulary size", repr(num_classes))
         check_int("padding_idx", padding_idx, minimum=0)
+        check_bool("trainable", trainable)
         for a, v in num_classes.items():
             check_int(f"num_classes[{a!r}]", v)
             if padding_idx >= v:
@@ -129,6 +130,9 @@ class AttributeEmbedding(nn.Module):
 
     def lookup(self, items: Tensor) -> dict[str, Tensor]:
         """Item ids ``(b, n)`` -> token ids ``(b, n, k)`` per attribute (from ``item_tables``)."""
+        check_tensor("items", items)
+        if items.is_floating_point() or items.dtype == torch.bool or items.is_complex():
+            fail("items", "an integer tensor of item ids", f"dtype {items.dtype}")
         out = {}
         for a in self.num_classes:
             table = getattr(self, f"items_{a}", None)
@@ -158,7 +162,7 @@ class AttributeEmbedding(nn.Module):
 
     def _embed(self, a: str, tok: Tensor) -> Tensor:
         check_tensor(f"ids[{a!r}]", tok)
-        if tok.is_floating_point() or tok.ndim not in (2, 3):
+        if tok.is_floating_point() or tok.dtype == torch.bool or tok.is_complex() or tok.ndim not in (2, 3):
             fail(f"ids[{a!r}]", "integer token ids of shape (b, n) or (b, n, k)", f"{tok.dtype} {tuple(tok.shape)}")
         v = self.num_classes[a]
         if tok.device != self.tables[a].weight.device:

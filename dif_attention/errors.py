@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import torch
 
 __all__ = ["DIFError", "fail", "check_tensor", "check_finite", "check_matches", "check_divisible", "check_int",
-           "check_probability", "fmt_shape"]
+           "check_bool", "check_probability", "fmt_shape"]
 
 
 class DIFError(ValueError):
@@ -41,10 +41,10 @@ def check_tensor(arg: str, t: Any, *, ndim: int | None = None, floating: bool = 
     return t
 
 
-def check_finite(arg: str, t: torch.Tensor) -> None:
+def check_finite(arg: str, t: torch.Tensor, *, expected: str = "finite values (check_finite=True)") -> None:
     if not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).sum())
-        fail(arg, "finite values (check_finite=True)", f"{bad} non-finite entries in shape {fmt_shape(t.shape)}")
+        fail(arg, expected, f"{bad} non-finite entries in shape {fmt_shape(t.shape)}")
 
 
 def check_matches(arg: str, t: torch.Tensor, param: torch.Tensor, owner: str) -> None:
@@ -68,6 +68,13 @@ def check_int(arg: str, value: Any, *, minimum: int | None = 1) -> int:
         fail(arg, "an int" if minimum is None else f"an int >= {minimum}", repr(value))
     if minimum is not None and value < minimum:
         fail(arg, f"an int >= {minimum}", repr(value))
+    return value
+
+
+def check_bool(arg: str, value: Any) -> bool:
+    """``value`` is ``True`` or ``False`` (a string such as ``"no"`` is not: it would count as true)."""
+    if not isinstance(value, bool):
+        fail(arg, "True or False", repr(value))
     return value
 
 

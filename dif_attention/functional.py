@@ -103,6 +103,8 @@ def _validate(queries, keys, value, check_finite: bool):
     check_tensor("value", value, ndim=4, floating=True)
     b, h, n_k, _ = value.shape
     check_tensor("queries[0]", queries[0], ndim=4, floating=True)
+    if queries[0].shape[-1] == 0:
+        fail("queries[0]", "an item head width e_0 >= 1 (the default scale is 1/sqrt(e_0))", queries[0].shape)
     n_q = queries[0].shape[2]
     if n_q > n_k:
         fail("queries[0]", f"at most n_k={n_k} query rows (the rows of value and keys; fewer queries are the last "

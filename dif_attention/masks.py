@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import check_tensor, fail
+from .errors import check_int, check_tensor, fail
 
 __all__ = ["causal_mask", "padding_mask", "lengths_mask", "lengths_allowed", "check_mask", "combine_masks", "as_4d"]
 
@@ -43,6 +43,7 @@ def padding_mask(ids: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
     check_tensor("ids", ids, ndim=2)
     if ids.is_floating_point():
         fail("ids", "an integer tensor of token ids", f"dtype {ids.dtype}")
+    check_int("pad_id", pad_id, minimum=None)
     return (ids != pad_id)[:, None, None, :]
 
 

@@ -132,7 +132,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     folder = Path(args.folder)
-    with user_errors(p, DIFError):
+    with user_errors(p):
         dataset = load_dataset(args.dataset or folder.name, attributes=args.attributes)
         lines = [f"| model | seed | {args.split} | Recall@10 | NDCG@10 | NDCG@10 change |", "|---|---|---|---|---|---|"]
         found, source_lines = False, []

@@ -20,7 +20,6 @@ import torch
 
 from cli import runs_parser, threads, user_errors
 from data import load_dataset
-from dif_attention import DIFError
 from dif_attention.models import load_model
 from train import batch_metrics
 
@@ -51,7 +50,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     folder = Path(args.folder)
-    with user_errors(p, DIFError):
+    with user_errors(p):
         dataset = load_dataset(args.dataset or folder.name, attributes=args.attributes)
         return report(p, args, folder, dataset, models, seeds)
 

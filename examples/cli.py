@@ -19,14 +19,16 @@ from pathlib import Path
 
 import torch
 
-from data import DataError, load_dataset
+from data import AMAZON, DataError, load_dataset
+from dif_attention import DIFError
 from dif_attention.models import MODELS
+from dif_attention.models.base import hyper_parameters
 from train import (CHOICES, DATA_KEYWORDS, KS, MODEL_FLAGS, RunError, SettingError, TrainConfig, atomic_write_text,
                    check_settings, dist_info, model_defaults, preflight, run)
 
 __all__ = ["Parser", "parser", "config_from_args", "settings_from_args", "user_errors", "compare", "table",
            "results_file", "cpu_name", "machine", "load_data",
-           "paper_config", "model_defaults", "flag", "MODEL_FLAGS", "DATA_KEYWORDS"]
+           "paper_config", "paper_key", "model_defaults", "flag", "MODEL_FLAGS", "DATA_KEYWORDS"]
 
 METRICS = [f"{m}@{k}" for m in ("Recall", "NDCG") for k in KS]
 
@@ -46,9 +48,17 @@ TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 ALIASES = {"hidden_dropout": ["--dropout"]}
 
 
-def paper_config(dataset: str) -> dict:
-    """The ``--paper`` preset for ``dataset`` (``beauty``, ``sports``; any other name gets Beauty's)."""
-    return {**PAPER, **PAPER_PER_DATASET.get(str(dataset).lower(), PAPER_PER_DATASET["beauty"])}
+def paper_key(dataset) -> str | None:
+    """The dataset whose ``--paper`` preset ``dataset`` takes: ``beauty`` or ``sports`` for their names and for
+    a file or folder named after one (``.../Sports_and_Outdoors.txt``), None for any other."""
+    stem = Path(str(dataset)).stem.lower()
+    key = {file.lower(): name for name, file in AMAZON.items()}.get(stem, stem)
+    return key if key in PAPER_PER_DATASET else None
+
+
+def paper_config(dataset) -> dict:
+    """The ``--paper`` preset for ``dataset`` (see :func:`paper_key`; any other dataset gets Beauty's)."""
+    return {**PAPER, **PAPER_PER_DATASET[paper_key(dataset) or "beauty"]}
 
 
 class Parser(argparse.ArgumentParser):
@@ -106,10 +116,19 @@ ATTRIBUTES_HELP = ("comma-separated item attributes to use (default: the dataset
                    "and / or categories, that field split apart; atomic files: token_seq fields of the .item file)")
 
 
-def load_data(args, chosen: list[str] | None = None):
-    """The dataset of ``--dataset`` / ``--data`` / ``--attributes``; without ``--attributes``, the attributes
-    ``chosen`` by a search load by name (an S3-Rec file's brand / categories are split on request)."""
-    return load_dataset(args.dataset, data=args.data, attributes=args.attributes or chosen)
+def load_data(args):
+    """The dataset of ``--dataset`` / ``--data`` / ``--attributes``. Without ``--attributes``, the attributes a
+    ``--config`` file names (a search's choice) load by name and are the only ones kept (an S3-Rec file's brand /
+    categories are split on request); ``--attributes`` given wins over the file."""
+    chosen = None
+    if not args.attributes and getattr(args, "config", None):
+        from tune import read_config  # tune imports this module: import at call time
+        chosen = read_config(args.config)["attributes"]
+    dataset = load_dataset(args.dataset, data=args.data, attributes=args.attributes or chosen)
+    if chosen is not None:
+        from tune import with_attributes
+        dataset = with_attributes(dataset, chosen)
+    return dataset
 
 
 def runs_parser(description: str, *, seeds: str, example: str) -> Parser:
@@ -175,7 +194,7 @@ def config_from_args(args) -> tuple[TrainConfig, dict]:
     """``(TrainConfig, model settings)``: defaults, then ``--paper``'s values, then the flags given."""
     cfg, model = args._base, dict(args._model_base)
     if args.paper:
-        preset = paper_config(Path(str(args.dataset)).name)
+        preset = paper_config(args.dataset)
         cfg = dataclasses.replace(cfg, **{k: v for k, v in preset.items() if k in TRAIN_FIELDS})
         model.update({k: v for k, v in preset.items() if k not in TRAIN_FIELDS})
     if getattr(args, "config", None):
@@ -190,6 +209,19 @@ def config_from_args(args) -> tuple[TrainConfig, dict]:
     return cfg, model
 
 
+def unused_flags(args, models, model: dict) -> list[str]:
+    """The flags given that no model of ``models`` takes (with the resolved model settings ``model``). They are
+    accepted, so that one command serves a comparison of models, and named in a note so none looks in force."""
+    used = set().union(*(hyper_parameters(MODELS[m]) for m in models))
+    if any("attr_dim" in hyper_parameters(MODELS[m]) or ("aap" in hyper_parameters(MODELS[m]) and model.get("aap"))
+           for m in models):  # a model with attribute predictors
+        used |= {"lamb", "aap_init"}
+    if not all(MODELS[m].causal for m in models):
+        used |= {"mask_ratio", "ft_ratio"}
+    candidates = [*MODEL_FLAGS, "lamb", "aap_init", "mask_ratio", "ft_ratio"]
+    return [flag(k) for k in candidates if getattr(args, k, None) is not None and k not in used]
+
+
 def setting_message(err: SettingError) -> str:
     """A :class:`SettingError` in terms of the flags: ``--batch-size: expected an int >= 1, got 0``."""
     return f"{flag(err.name)}: expected {err.expected}, got {err.got}"
@@ -198,6 +230,10 @@ def setting_message(err: SettingError) -> str:
 def settings_from_args(p: argparse.ArgumentParser, args, models=None) -> tuple[TrainConfig, dict]:
     """``config_from_args``, checked (:func:`train.check_settings` with the models ``models``, default
     ``args.models``): a bad value ends the program with one line naming its flag."""
+    config = getattr(args, "config", None)
+    if config and args.paper:
+        p.error(f"--paper, --config: expected one of the two, got both (the file {config} sets every setting "
+                "--paper would)")
     try:
         cfg, model = config_from_args(args)
     except RunError as err:  # an unreadable --config
@@ -205,6 +241,8 @@ def settings_from_args(p: argparse.ArgumentParser, args, models=None) -> tuple[T
     try:
         check_settings(cfg, model, args.models if models is None else models)
     except SettingError as err:
+        if config and getattr(args, err.name, None) is None:  # the value came from the file, not a flag
+            p.error(f"{config}: {err.name}: expected {err.expected}, got {err.got}")
         p.error(setting_message(err))
     return cfg, model
 
@@ -217,7 +255,7 @@ def user_errors(p: argparse.ArgumentParser, *more: type[Exception]):
         yield
     except SettingError as err:
         p.exit(1, f"{p.prog}: error: {setting_message(err)}\n")
-    except (DataError, RunError, *more) as err:
+    except (DataError, RunError, DIFError, *more) as err:
         p.exit(1, f"{p.prog}: error: {err}\n")
 
 
@@ -278,18 +316,15 @@ def compare(p: argparse.ArgumentParser, args, script: str) -> list[dict]:
         torch.set_num_threads(args.threads)
     with user_errors(p):
         rank, world = dist_info()
-        chosen = None
-        if getattr(args, "config", None):
-            from tune import read_config, with_attributes
-            chosen = read_config(args.config)["attributes"]
-        dataset = load_data(args, chosen)
-        if chosen is not None:
-            dataset = with_attributes(dataset, chosen)
+        dataset = load_data(args)
         for seed in seeds:
             for name in models:
                 preflight(dataset, name, dataclasses.replace(cfg, seed=seed), model)
         if rank == 0:
             print(dataset.stats() + (f"; {dataset.notes}" if dataset.notes else ""), flush=True)
+            unused = unused_flags(args, models, model)
+            if unused:
+                print(f"note: {', '.join(unused)}: not used by {', '.join(models)}", flush=True)
             print("training: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items() if k != "seed")
                   + f", seeds={','.join(map(str, seeds))}", flush=True)
             print("model: " + ", ".join(f"{k}={v}" for k, v in model.items()), flush=True)

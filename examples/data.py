@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 __all__ = ["DataError", "Dataset", "read_atomic", "read_s3rec", "read_text", "fetch_ml100k", "k_core",
-           "load_dataset", "from_sequences", "split_brand", "S3REC_FIELDS", "MIN_LENGTH", "REPO_ROOT"]
+           "load_dataset", "from_sequences", "split_brand", "S3REC_FIELDS", "MIN_LENGTH", "REPO_ROOT", "AMAZON"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_AMAZON = REPO_ROOT.parent / "shared" / "data" / "amazon"
@@ -505,6 +505,9 @@ def load_dataset(name_or_path: "str | Path" = "ml-100k", *, data: "str | Path | 
         ds.name = key
         return ds
     path = Path(name_or_path)
+    if data is not None:
+        raise DataError(f"{path}: data={str(data)!r} names the folder of ml-100k, beauty or sports; a dataset given "
+                        "as a path takes none (give the path alone)")
     if path.is_dir():
         inters = sorted(path.glob("*.inter"))
         if inters:

@@ -94,6 +94,9 @@ def answer(p: argparse.ArgumentParser, args) -> list[dict]:
             p.error(f"--history: expected item ids in [1, {model.num_items}] (the model's items), got {max(h)}")
     queries: list[tuple[int | None, list[int], int | None]] = []
     if args.users:
+        if dataset.num_items != model.num_items:
+            p.error(f"--dataset: expected the data {path} was trained on ({model.num_items} items), got {dataset.name} "
+                    f"({dataset.num_items} items)")
         hist, targets = dataset.split("test", max(len(s) for s in dataset.sequences))  # every item before the test one
         for u in args.users:
             if u >= len(hist):

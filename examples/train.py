@@ -231,6 +231,9 @@ def check_settings(cfg: "TrainConfig", model: dict | None = None, models=()) -> 
     for name, value in settings.items():
         _check(name, value, MODEL_RULES[name])
     full = {**{k: d for k, (d, _) in MODEL_FLAGS.items()}, **settings}
+    if full["backend"] == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SettingError("backend", "'triton' only on a CUDA device or under TRITON_INTERPRET=1 (else auto, sdpa "
+                           "or math)", "'triton' on a machine without CUDA")
     if full["dim"] % full["heads"]:
         raise SettingError("dim", f"a multiple of heads={full['heads']}", repr(full["dim"]))
     uses_attr_dim = not models or any("attr_dim" in hyper_parameters(MODELS[m]) for m in models)
@@ -306,14 +309,17 @@ def bert_mask(seqs: Tensor, *, mask_id: int, ratio: float, last_only: bool, gen:
 def rank_metrics(scores: Tensor, targets: Tensor, ks=KS) -> dict[str, Tensor]:
     """Full-ranking metrics per row: ``scores (b, num_items + 1)`` with column 0 = padding (ignored),
     ``targets (b,)``. Rank = number of items scored strictly higher than the target (ties favour the
-    target). Recall@K = [rank < K]; NDCG@K = [rank < K] / log2(rank + 2). Returns per-row tensors."""
+    target). Recall@K = [rank < K]; NDCG@K = [rank < K] / log2(rank + 2). Returns per-row tensors. A row whose
+    target score is not finite is a miss, and a NaN score counts as above the target: a diverged model scores 0,
+    never 1."""
     scores = scores.clone()
     scores[:, 0] = -torch.inf
     target_score = scores.gather(1, targets[:, None])
-    rank = (scores > target_score).sum(-1)
+    rank = ((scores > target_score) | scores.isnan()).sum(-1)
+    finite = target_score[:, 0].isfinite()
     out = {}
     for k in ks:
-        hit = (rank < k).float()
+        hit = ((rank < k) & finite).float()
         out[f"Recall@{k}"] = hit
         out[f"NDCG@{k}"] = hit / torch.log2(rank.float() + 2)
     return out
@@ -697,7 +703,11 @@ def run(dataset, model_name: str, cfg: TrainConfig, model_config: dict | None = 
                 for group in opt.param_groups:
                     group["lr"] = cfg.lr * min(1.0, state["step"] / cfg.warmup)
             opt.step()
-            state["epoch_loss"] += float(report)
+            value = float(report)
+            if not math.isfinite(value):  # before any save: last.pt keeps the last finite weights
+                raise RunError(f"{out}: the training loss is {value} at epoch {epoch}, step {state['step']}: "
+                               "training diverged (lower --lr, or add --warmup)")
+            state["epoch_loss"] += value
             state["batch"] += 1
             if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0 and state["batch"] < len(batches):
                 state["epoch_seconds"] = time.perf_counter() - t0

@@ -44,3 +44,11 @@ def test_aap_prior_init_starts_at_the_label_rates():
         pred.init_prior_({"cat": torch.tensor([0.0, 1.5, 0.1, 0.2])})
     with pytest.raises(DIFError, match=r"^rates: expected the attributes \['cat'\]"):
         pred.init_prior_({"brand": rates})
+
+
+@pytest.mark.parametrize("pad_id", [-1, 5, True, 1.0])
+def test_aap_loss_checks_pad_id_for_every_target_form(pad_id):
+    logits = {"cat": torch.randn(2, 5)}
+    for targets in (torch.tensor([[1, 0], [2, 3]]), torch.tensor([1, 2]), torch.zeros(2, 5)):
+        with pytest.raises(DIFError, match=rf"^pad_id: expected an int in \[0, 5\) .*got {pad_id!r}$"):
+            aap_loss(logits, {"cat": targets}, pad_id=pad_id)

@@ -82,6 +82,32 @@ def test_summarize_and_bound():
         rank_bound(50, [])
 
 
+def test_rank_arguments_are_checked():
+    m = torch.eye(3, dtype=torch.float64)
+    poisoned = m.clone()
+    poisoned[0, 1] = float("nan")
+    with pytest.raises(DIFError, match=r"^m: expected finite values .*got 1 non-finite entries in shape \(3, 3\)"):
+        numerical_rank(poisoned)
+    with pytest.raises(DIFError, match=r"^m: expected finite values"):
+        effective_rank(m * float("inf"))
+    for kw in (dict(rtol=float("nan")), dict(rtol=-1e-3), dict(atol=float("nan")), dict(atol=-1.0),
+               dict(atol=float("inf")), dict(rtol="1e-3")):
+        (arg, value), = kw.items()
+        with pytest.raises(DIFError, match=rf"^{arg}: expected a finite float >= 0, got {value!r}$"):
+            numerical_rank(m, **kw)
+    for lengths in (-3, 3.5, True):
+        with pytest.raises(DIFError, match=rf"^lengths: expected an int >= 0, got {lengths!r}$"):
+            rank_bound(lengths, [4])
+    with pytest.raises(DIFError, match=r"^lengths: expected valid lengths >= 0, got lengths in \[-3, 2\]"):
+        rank_bound(torch.tensor([2, -3]), [4])
+    for bad in (torch.tensor([2.0, 3.0]), torch.tensor([True, True])):
+        with pytest.raises(DIFError, match=rf"^lengths: expected an integer tensor .*got dtype {bad.dtype}$"):
+            rank_bound(bad, [4])
+        with pytest.raises(DIFError, match=rf"^lengths: expected an integer tensor .*got dtype {bad.dtype}$"):
+            block_ranks(torch.randn(2, 1, 3, 3), bad)
+    assert rank_bound(0, [4]).tolist() == [0.0]
+
+
 @pytest.mark.parametrize("style,combine", [("sasrecf", "sum"), ("sasrecf", "concat"), ("nova", "sum"),
                                            ("nova", "concat")])
 def test_early_fusion_rank_never_exceeds_head_width(style, combine):

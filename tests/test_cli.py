@@ -135,6 +135,19 @@ def test_attr_dim_is_only_checked_for_models_that_use_it(tmp_path):
     assert res[0]["epochs"] == 1
 
 
+def test_flags_no_model_of_the_run_takes_are_named_in_a_note(tmp_path, capsys):
+    txt = write_s3rec(tmp_path)
+    flags = ["--dataset", str(txt), "--epochs", "1", "--dim", "8", "--max-len", "8", "--layers", "1", "--save",
+             "false", "--progress", "false", "--log", "false", "--results", str(tmp_path / "r"), "--fusion", "add",
+             "--lamb", "5", "--mask-ratio", "0.3"]
+    sasrec.main(flags + ["--models", "SASRec"])
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
+    assert notes == ["note: --fusion, --lamb, --mask-ratio: not used by SASRec"], notes
+    sasrec.main(flags + ["--models", "SASRec,DIFSASRec"])
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
+    assert notes == ["note: --mask-ratio: not used by SASRec, DIFSASRec"], notes
+
+
 def test_attributes_flag_picks_the_fields_a_run_uses(tmp_path, capsys):
     """--attributes brand: the toy file's tokens each stand alone, first in their lists, so they are brands."""
     txt = write_s3rec(tmp_path)
@@ -207,3 +220,43 @@ def test_paper_exact_fusion_is_refused_in_all_positions_training(capsys):
     from train import TrainConfig, check_settings
     check_settings(TrainConfig(train_mode="all"), {"exact_fusion": True, "fusion": "add"}, ["DIFSASRec"])
     check_settings(TrainConfig(train_mode="all"), {"exact_fusion": True}, ["DIFBERT4Rec"])  # bidirectional
+
+
+def test_paper_preset_follows_the_dataset_file_it_names(tmp_path):
+    """--paper picks Sports' preset for the Sports file itself too, not only for the name ``sports``."""
+    assert [cli.paper_key(d) for d in ("sports", "SPORTS", str(tmp_path / "Sports_and_Outdoors.txt"),
+                                       tmp_path / "sports", "Beauty.txt", "ml-100k", "toy.txt")] == \
+        ["sports", "sports", "sports", "sports", "beauty", None, None]
+    args = cli.parser("toy", ["SASRec"]).parse_args(["--paper", "--dataset", str(tmp_path / "Sports_and_Outdoors.txt")])
+    _, model = cli.config_from_args(args)
+    assert (model["layers"], model["heads"]) == (3, 8)
+    assert cli.paper_config("toy.txt")["layers"] == 4  # any other dataset: Beauty's
+
+
+def test_triton_backend_without_cuda_ends_with_one_line_before_any_work(capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    code, err = one_line(capsys, sasrec, ["--backend", "triton", "--dataset", MISSING])
+    assert code == 2 and "--backend" in err and "CUDA" in err and "TRITON_INTERPRET=1" in err, err
+
+
+def test_a_diverging_run_stops_with_one_line_instead_of_scoring(tmp_path, capsys):
+    """A loss that turns non-finite ends the run (exit 1) naming the run and the step; before, NaN scores
+    ranked every target first and the diverged weights were kept as the best checkpoint."""
+    txt = write_s3rec(tmp_path)
+    code, err = one_line(capsys, sasrec, ["--dataset", str(txt), "--models", "SASRec", "--lr", "1e30", "--epochs",
+                                          "2", "--dim", "8", "--max-len", "8", "--layers", "1", "--progress", "false",
+                                          "--log", "false", "--out-dir", str(tmp_path / "runs")])
+    assert code == 1 and "training diverged" in err and "SASRec" in err and "step " in err, err
+
+
+def test_a_config_file_is_named_for_its_bad_values_and_excludes_paper(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"model": "SASRec", "train": {"batch_size": 2048.0}, "model_settings": {},
+                               "attributes": None}))
+    code, err = one_line(capsys, sasrec, ["--config", str(bad), "--dataset", MISSING])
+    assert code == 2 and f"{bad}: batch_size: expected an int >= 1, got 2048.0" in err, err
+    code, err = one_line(capsys, sasrec, ["--config", str(bad), "--batch-size", "0", "--dataset", MISSING])
+    assert code == 2 and "--batch-size: expected an int >= 1, got 0" in err, err  # the flag's own value
+    code, err = one_line(capsys, sasrec, ["--config", str(bad), "--paper", "--dataset", MISSING])
+    assert code == 2 and "--paper, --config: expected one of the two" in err, err

@@ -134,6 +134,8 @@ def test_load_dataset_paths(tmp_path):
     assert load_dataset(tmp_path, k=0).num_items == 3
     with pytest.raises(DataError, match="unknown dataset"):
         load_dataset(tmp_path / "d.csv")
+    with pytest.raises(DataError, match=r"d.txt: data='elsewhere' names the folder of ml-100k"):
+        load_dataset(tmp_path / "d.txt", data="elsewhere", k=0)  # a path dataset has no data folder to read
 
 
 @pytest.mark.skipif(not Path(__file__).resolve().parents[2].joinpath("shared/data/amazon/Beauty.txt").exists(),

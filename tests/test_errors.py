@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from dif_attention import (AttributeEmbedding, AttributePredictor, ConcatFusion, DecoupledAttention, DecoupledEncoder,
-                           DIFError, GateFusion, aap_loss, causal_mask, decoupled_attention, item_attribute_table,
-                           lengths_mask, padding_mask, total_loss)
+                           DIFError, EarlyFusionAttention, GateFusion, aap_loss, causal_mask, decoupled_attention,
+                           item_attribute_table, lengths_mask, padding_mask, total_loss)
 
 B, N, DIM = 2, 6, 16
 
@@ -111,6 +111,22 @@ CASES = {
     "item table nested tokens": (lambda: item_attribute_table({1: [1, [2]]}, 3), ["item_to_tokens[1]", "[1, [2]]"]),
     "item table negative token": (lambda: item_attribute_table({1: [-1]}, 3), ["item_to_tokens[1]", "non-negative"]),
     "item table tokens a string": (lambda: item_attribute_table({1: "ab"}, 3), ["item_to_tokens[1]", "'ab'"]),
+    "item head width 0": (lambda: decoupled_attention([torch.randn(B, 2, N, 0)], [torch.randn(B, 2, N, 0)],
+                                                      torch.randn(B, 2, N, 3)),
+                          ["queries[0]", "e_0 >= 1", "(2, 2, 6, 0)"]),
+    "padding_mask pad_id float": (lambda: padding_mask(torch.ones(2, 3, dtype=torch.long), pad_id=0.5),
+                                  ["pad_id", "an int", "0.5"]),
+    "embedding items float": (lambda: AttributeEmbedding({"cat": 5}, 4, item_tables={"cat": torch.ones(3, 1).long()})(
+        items=torch.ones(2, 3)), ["items", "integer", "float32"]),
+    "embedding items bool": (lambda: AttributeEmbedding({"cat": 5}, 4, item_tables={"cat": torch.ones(3, 1).long()})(
+        items=torch.ones(2, 3, dtype=torch.bool)), ["items", "integer", "torch.bool"]),
+    "embedding token ids bool": (lambda: AttributeEmbedding({"cat": 5}, 4)({"cat": torch.ones(2, 3, dtype=torch.bool)}),
+                                 ["ids['cat']", "integer", "torch.bool"]),
+    "embedding trainable a string": (lambda: AttributeEmbedding({"cat": 5}, 4, trainable="no"),
+                                     ["trainable", "True or False", "'no'"]),
+    "attention position a string": (lambda: _attn(position="false"), ["position", "True or False", "'false'"]),
+    "early fusion position a string": (lambda: EarlyFusionAttention(DIM, 4, position="no"),
+                                       ["position", "True or False", "'no'"]),
     "predictor wrong width": (lambda: AttributePredictor(8, {"cat": 5})(torch.randn(3, 6)), ["h", "8", "(3, 6)"]),
 }
 

@@ -43,3 +43,13 @@ def test_bert_mask_never_masks_padding_and_masks_at_least_one():
         assert (tgt[tgt != 0] == seqs[tgt != 0]).all()
     inp, tgt = bert_mask(seqs, mask_id=99, ratio=1.0, last_only=True, gen=g)
     assert inp.tolist() == [[1, 2, 99, 0, 0], [99, 0, 0, 0, 0]]
+
+
+def test_a_diverged_model_scores_zero_not_one():
+    """NaN scores never count as hits: a NaN target is a miss, a NaN elsewhere ranks above the target."""
+    nan = float("nan")
+    m = rank_metrics(torch.full((2, 5), nan), torch.tensor([3, 2]), ks=(1, 10))
+    assert all(v.tolist() == [0.0, 0.0] for v in m.values()), m
+    m = rank_metrics(torch.tensor([[0.0, 1, 2, nan, 0.5], [0.0, 1, torch.inf, 3, 0]]), torch.tensor([2, 2]), ks=(1, 2))
+    assert m["Recall@1"].tolist() == [0.0, 0.0] and m["Recall@2"].tolist() == [1.0, 0.0]
+    assert torch.allclose(m["NDCG@2"], torch.tensor([1 / math.log2(3), 0.0]))

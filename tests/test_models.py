@@ -140,6 +140,36 @@ def test_load_model_refuses_bad_files(tmp_path):
             load_model(path)
 
 
+@pytest.mark.parametrize("content", [b"", b"x"])
+def test_load_model_names_an_empty_or_damaged_file(tmp_path, content):
+    path = tmp_path / "damaged.pt"
+    path.write_bytes(content)
+    with pytest.raises(DIFError, match=str(path).replace(".", r"\.") + ": not a readable model file") as info:
+        load_model(path)
+    assert "weights_only" not in str(info.value)
+
+
+@pytest.mark.parametrize("name, keyword", [("SASRecF", "aap"), ("SASRecF", "trainable_attributes"),
+                                           ("NOVA", "trainable_attributes"), ("DIFSASRec", "exact_fusion"),
+                                           ("DIFSASRec", "input_fusion"), ("DIFSASRec", "trainable_attributes"),
+                                           ("DIFBERT4Rec", "exact_fusion"), ("DIFBERT4Rec", "input_fusion"),
+                                           ("DIFBERT4Rec", "trainable_attributes")])
+def test_boolean_keywords_take_only_true_or_false(name, keyword):
+    for value in ("no", "false", 0, None):
+        with pytest.raises(DIFError, match=rf"^{keyword}: expected True or False, got {value!r}$"):
+            make(name, **{keyword: value})
+
+
+def test_item_scores_checks_h():
+    m = make("DIFSASRec")
+    for h, match in ((torch.randn(2, 7), r"^h: expected last dim 16 \(= dim\), got shape \(2, 7\)"),
+                     (torch.ones(2, 16, dtype=torch.long),
+                      r"^h: expected a floating-point tensor, got dtype torch\.int64"),
+                     (torch.randn(2, 16, dtype=torch.float64), r"^h: expected dtype torch.float32")):
+        with pytest.raises(DIFError, match=match):
+            m.item_scores(h)
+
+
 def test_input_fusion_puts_the_attributes_into_the_item_stream():
     """DIF's item stream has no attribute content (only the scores do); with input_fusion=True it has: two items
     that differ only in their attributes get different inputs, and the model stays a DIF model."""

@@ -211,7 +211,8 @@ def test_serving_errors_name_the_argument():
         (lambda: model.recommend(good, k=0), r"^k: expected an int >= 1, got 0"),
         (lambda: model.recommend(good, k=V + 1), r"^k: expected an int in \[1, 40\] .*got 41"),
         (lambda: model.recommend(torch.arange(1, V)[None], k=2), r"^k: expected at most 1, the items left for row 0"),
-        (lambda: model.recommend(good, exclude_seen=1), r"^exclude_seen: expected a bool"),
+        (lambda: model.recommend(good, exclude_seen=1), r"^exclude_seen: expected True or False, got 1"),
+        (lambda: Recommender(model, exclude_seen="no"), r"^exclude_seen: expected True or False, got 'no'"),
         (lambda: model.step(object(), torch.tensor([1, 2])), r"^state: expected the ServingState"),
         (lambda: model.step(make("DIFSASRec").start(good), torch.tensor([1, 2])),
          r"^state: expected a state made by this DIFSASRec's start\(\) or step\(\), got a state of another DIFSASRec"),
@@ -338,6 +339,13 @@ def test_serve_example_answers_users_and_typed_histories(tmp_path, capsys):
         serve.main(flags + ["--history", "5,0,3"])  # 0 is padding, not an item
     with pytest.raises(SystemExit):
         serve.main(flags + ["--users", "100000"])
+    other = tmp_path / "other"
+    other.mkdir()
+    with pytest.raises(SystemExit):  # users of data the model was not trained on: refused, not answered
+        serve.main(["--run", str(tmp_path / "runs" / "toy" / "DIFSASRec" / "seed0"), "--dataset",
+                    str(write_s3rec(other, items=12)), "--users", "0"])
+    err = capsys.readouterr().err
+    assert "--dataset: expected the data" in err and "(30 items), got toy (12 items)" in err, err
 
 
 # ---------------------------------------------------------------------------------------------- benchmarks/serving.py

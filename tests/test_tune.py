@@ -188,6 +188,7 @@ def test_first_trial_is_the_fixed_base_and_off_grid_values_are_drawn(tmp_path):
 
 def test_a_config_choosing_split_s3rec_fields_loads_them_by_name(tmp_path):
     """A search over ``--attributes brand,categories`` may keep one of the two: ``--config`` alone loads it."""
+    import ablation
     import sasrec
     txt = tmp_path / "toy.txt"
     txt.write_text("".join(f"{u} " + " ".join(str((u + t) % 12 + 1) for t in range(8)) + "\n" for u in range(1, 25)))
@@ -200,8 +201,13 @@ def test_a_config_choosing_split_s3rec_fields_loads_them_by_name(tmp_path):
     flags = ["--dataset", str(txt), "--models", "SASRecF", "--config", str(best), "--epochs", "1", "--max-len", "8",
              "--save", "false", "--progress", "false", "--log", "false", "--results", str(tmp_path / "s")]
     assert sasrec.main(flags)[0]["attributes"] == {"categories": 4}
-    with pytest.raises(SystemExit):  # the flag names another field than the file chose
-        sasrec.main(flags + ["--attributes", "brand"])
+    # a flag given wins over the file, as for every other setting
+    assert sasrec.main(flags + ["--attributes", "brand,categories"])[0]["attributes"] == {"brand": 2, "categories": 4}
+    assert sasrec.main(flags + ["--attributes", "brand"])[0]["attributes"] == {"brand": 2}
+    # the other entry points read the file's attributes too
+    ablation.main(["--dataset", str(txt), "--variants", "full", "--config", str(best), "--epochs", "1", "--max-len",
+                   "8", "--save", "false", "--progress", "false", "--log", "false", "--results", str(tmp_path / "a")])
+    assert [r["attributes"] for r in json.loads((tmp_path / "a.json").read_text())] == [{"categories": 4}]
 
 
 @pytest.mark.parametrize("prune_after, stopped_at", [(None, 4), (1, 1)])

@@ -92,8 +92,12 @@ def load_model(path: "str | os.PathLike", *, map_location: "str | torch.device |
         raise DIFError(f"{path}: no such model file")
     try:
         ck = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # truncated zip, pickle with code, not a torch file
-        raise DIFError(f"{path}: not a readable model file ({type(err).__name__}: {str(err).splitlines()[0]})") \
+    except Exception as err:  # empty or truncated file, pickle with code, not a torch file
+        first = (str(err).strip().splitlines() or [""])[0]
+        detail = type(err).__name__
+        if first and "weights_only" not in first:  # torch's advice to load unsafely does not fix a damaged file
+            detail += f": {first}"
+        raise DIFError(f"{path}: not a readable model file (damaged, truncated or not a checkpoint; {detail})") \
             from None
     if not isinstance(ck, dict) or ck.get("format") != _FORMAT or "config" not in ck or "state_dict" not in ck:
         raise DIFError(f"{path}: not a dif-attention model file (expected one written by save_model)")

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..embedding import AttributeEmbedding
-from ..errors import check_int, check_probability, check_tensor, fail
+from ..errors import check_int, check_matches, check_probability, check_tensor, fail
 from ..functional import BACKENDS, ScoreMaps
 from ..masks import padding_mask
 from .serving import Servable
@@ -147,6 +147,10 @@ class SequenceModel(Servable, nn.Module):
 
     def item_scores(self, h: Tensor) -> Tensor:
         """``(..., dim)`` -> scores over item ids ``0..num_items`` ``(..., num_items + 1)`` (tied table)."""
+        check_tensor("h", h, floating=True)
+        check_matches("h", h, self.item_emb.weight, type(self).__name__)
+        if h.ndim == 0 or h.shape[-1] != self.dim:
+            fail("h", f"last dim {self.dim} (= dim)", h.shape)
         h, weight, bias = self.output_layer(h)
         scores = h @ weight.T
         return scores if bias is None else scores + bias

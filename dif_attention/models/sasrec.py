@@ -20,7 +20,7 @@ from ..aap import AttributePredictor
 from ..baselines import EarlyFusionAttention, InputFusion
 from ..embedding import AttributeEmbedding
 from ..encoder import DecoupledEncoder
-from ..errors import check_tensor, fail
+from ..errors import check_bool, check_tensor, fail
 from .base import SequenceModel, init_weights
 
 __all__ = ["SASRec", "SASRecF", "NOVA", "DIFSASRec", "DIFMixin", "check_item_tables"]
@@ -71,11 +71,12 @@ class SASRecF(SASRec):
                  trainable_attributes: bool = True, attr_init_std: float = 0.02, aap: bool = False, **kw):
         super().__init__(**kw)
         self.item_tables, self.num_classes = check_item_tables(item_tables, num_classes, self.num_items)
-        self.pooling, self.trainable_attributes, self.attr_init_std = pooling, trainable_attributes, attr_init_std
+        self.pooling, self.attr_init_std = pooling, attr_init_std
+        self.trainable_attributes = check_bool("trainable_attributes", trainable_attributes)
         self.attr_emb = AttributeEmbedding(self.num_classes, self.dim, pooling=pooling, item_tables=self.item_tables,
                                            trainable=trainable_attributes, init_std=attr_init_std)
         self.fuse = InputFusion(self.dim, attr_dims={a: self.dim for a in self.num_classes}, combine="concat")
-        self.aap = self.has_aap = bool(aap)
+        self.aap = self.has_aap = check_bool("aap", aap)
         self.predictor = AttributePredictor(self.dim, self.num_classes) if aap else None
         init_weights(self)
 
@@ -94,7 +95,8 @@ class NOVA(SequenceModel):
                  trainable_attributes: bool = True, attr_init_std: float = 0.02, **kw):
         super().__init__(**kw)
         self.item_tables, self.num_classes = check_item_tables(item_tables, num_classes, self.num_items)
-        self.pooling, self.trainable_attributes, self.attr_init_std = pooling, trainable_attributes, attr_init_std
+        self.pooling, self.attr_init_std = pooling, attr_init_std
+        self.trainable_attributes = check_bool("trainable_attributes", trainable_attributes)
         self.attr_emb = AttributeEmbedding(self.num_classes, self.dim, pooling=pooling, item_tables=self.item_tables,
                                            trainable=trainable_attributes, init_std=attr_init_std)
         dims = {a: self.dim for a in self.num_classes}
@@ -132,8 +134,9 @@ class DIFMixin:
         self.item_tables, self.num_classes = check_item_tables(item_tables, num_classes, self.num_items)
         if fusion not in FUSIONS:  # a name, not a module: the model must rebuild from its config
             fail("fusion", f"one of {FUSIONS} (exact_fusion=True selects the paper-exact variant)", repr(fusion))
-        self.attr_dim, self.fusion, self.exact_fusion = attr_dim, fusion, bool(exact_fusion)
-        self.pooling, self.trainable_attributes, self.attr_init_std = pooling, trainable_attributes, attr_init_std
+        self.attr_dim, self.fusion, self.exact_fusion = attr_dim, fusion, check_bool("exact_fusion", exact_fusion)
+        self.pooling, self.attr_init_std = pooling, attr_init_std
+        self.trainable_attributes = check_bool("trainable_attributes", trainable_attributes)
         dims = {a: attr_dim for a in self.num_classes}
         tables = self.item_tables
         if extra_items:  # the [MASK] id gets the padding attributes (no leak of the target's attributes)
@@ -144,7 +147,7 @@ class DIFMixin:
                                         max_len=self.max_len if exact_fusion and fusion != "add" else None,
                                         position=True, **self.enc_kwargs)
         self.predictor = AttributePredictor(self.dim, self.num_classes)
-        self.input_fusion = bool(input_fusion)
+        self.input_fusion = check_bool("input_fusion", input_fusion)
         if self.input_fusion:  # built last: the default model's seeded init is unchanged
             self.item_fuse = InputFusion(self.dim, attr_dims=dims, combine="concat")
 

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..attention import KVCache
-from ..errors import check_int, check_tensor, fail, fmt_shape
+from ..errors import check_bool, check_int, check_tensor, fail, fmt_shape
 
 __all__ = ["Servable", "ServingState", "Recommender", "export_recommender", "last_items"]
 
@@ -207,8 +207,7 @@ class Servable:
         check_int("k", k)
         if k > self.num_items:
             fail("k", f"an int in [1, {self.num_items}] (the item count)", repr(k))
-        if not isinstance(exclude_seen, bool):
-            fail("exclude_seen", "a bool", repr(exclude_seen))
+        check_bool("exclude_seen", exclude_seen)
         histories = self.check_histories(histories)
         return self.top_k(self._scores(histories), k=k, exclude=histories if exclude_seen else None)
 
@@ -297,7 +296,7 @@ class Recommender(nn.Module):
         check_int("k", k)
         if k > model.num_items:
             fail("k", f"an int in [1, {model.num_items}] (the item count)", repr(k))
-        self.model, self.k, self.exclude_seen = model, k, bool(exclude_seen)
+        self.model, self.k, self.exclude_seen = model, k, check_bool("exclude_seen", exclude_seen)
 
     def forward(self, histories: Tensor) -> tuple[Tensor, Tensor]:
         """``histories (b, n)`` -> ``(items, scores)``, each ``(b, k)``."""
