@@ -14,6 +14,7 @@ from pathlib import Path
 
 from cli import Parser, results_file, seed_list, table, user_errors
 from data import DataError
+from train import SILENT_SETTINGS
 
 
 def collect(folder: Path, models: list[str] | None, seeds: list[int] | None) -> tuple[list[dict], list[str]]:
@@ -32,6 +33,15 @@ def collect(folder: Path, models: list[str] | None, seeds: list[int] | None) -> 
             results.append(r)
     names = models or sorted({r["model"] for r in results})
     return results, names
+
+
+def mixed_settings(results: list[dict], name: str) -> list[str]:
+    """The settings in which the seeds of run folder ``name`` differ (training settings other than the seed and
+    :data:`train.SILENT_SETTINGS`, model settings, attributes): a mean over them mixes different runs."""
+    runs = [r for r in results if r["model"] == name]
+    seen = [{**{k: v for k, v in r["config"].items() if k not in SILENT_SETTINGS and k != "seed"},
+             **r.get("model_config", {}), "attributes": r.get("attributes")} for r in runs]
+    return sorted({k for s in seen for k in s if any(t.get(k) != s.get(k) for t in seen)})
 
 
 def plot_curves(results: list[dict], names: list[str], path: str, metric: str = "NDCG@10") -> dict:
@@ -82,6 +92,10 @@ def main(argv=None):
     if not results:
         p.exit(1, f"{p.prog}: error: {args.folder}: no finished run (no <model>/seed<k>/result.json)\n")
     md = table(results, names)
+    for name in names:
+        mixed = mixed_settings(results, name)
+        if mixed:
+            print(f"note: the seeds of {name} differ in {', '.join(mixed)}: its row averages different settings")
     total = sum(r["train_seconds"] for r in results)
     print(md + f"\n\n{len(results)} runs, {total:.0f} s of training in total.")
     if args.curves:

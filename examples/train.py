@@ -36,7 +36,9 @@ continues from ``last.pt`` exactly -- weights, optimiser, the position in the ep
 (torch's CPU generator and CUDA's, NumPy's, Python's, the batch generator; each process's under DDP) -- so a run
 killed at any step and resumed ends bit-identical to an uninterrupted one. A resume whose settings differ from
 the checkpoint's (other than :data:`SILENT_SETTINGS`) is refused unless ``resume_override=True``, which records
-the change and its step in ``result.json`` (``overrides``).
+the change and its step in ``result.json`` (``overrides``). A finished run extended with a larger ``epochs``
+keeps the validation of its old last epoch (always evaluated) among its candidates for the best checkpoint, also
+when that epoch is not a multiple of ``eval_every``: the uninterrupted longer run would not have evaluated it.
 """
 from __future__ import annotations
 

@@ -240,6 +240,51 @@ def test_run_killed_at_a_random_step_resumes_bit_identical(toy, straight, tmp_pa
     assert resumed["result"]["overrides"] == []
 
 
+class Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("model_name, settings", [
+    ("BERT4Rec", {"warmup": 5, "eval_every": 2, "train_mode": "prefix"}),  # the masking stream, warm-up, prefixes
+    ("DIFBERT4Rec", {"warmup": 4, "precision": "bf16"}),
+    ("SASRecF", {"bucket": False, "train_mode": "prefix"}),
+])
+def test_interrupted_runs_of_other_models_and_schedules_resume_bit_identical(tmp_path, one_thread, monkeypatch,
+                                                                             model_name, settings):
+    """An exception inside the k-th optimiser step (k random), then ``resume=True``: the same last.pt as the
+    uninterrupted run, for the masked models' random masks, the warm-up lr, prefix batches and bf16 too."""
+    from example_helpers import synthetic
+    from train import TrainConfig, run
+    dataset = synthetic()
+    model = dict(dim=16, heads=2, layers=1, attr_dim=8, max_len=12, hidden_dropout=0.3, attn_dropout=0.3)
+
+    def cfg(out, **kw):
+        return TrainConfig(**{"batch_size": 16, "epochs": 3, "lamb": 1.0, "progress": False, "log": False,
+                              "checkpoint_every": 2, "out_dir": str(tmp_path / out), **settings, **kw})
+
+    def last(out):
+        return torch.load(tmp_path / out / "synthetic" / model_name / "seed0" / "last.pt", weights_only=True)
+
+    straight = run(dataset, model_name, cfg("straight"), model)
+    k = random.randrange(1, last("straight")["state"]["step"] + 1)
+    adam_step, calls = torch.optim.Adam.step, [0]
+
+    def stopping(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == k:
+            raise Stop
+        return adam_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", stopping)
+    with pytest.raises(Stop):
+        run(dataset, model_name, cfg("resumed"), model)
+    monkeypatch.setattr(torch.optim.Adam, "step", adam_step)
+    resumed = run(dataset, model_name, cfg("resumed", resume=True), model)
+    for part in ("model", "optimizer", "best_model", "rng", "gen"):
+        assert_same_tensors(last("resumed")[part], last("straight")[part], f"stop at step {k}: {part}")
+    assert resumed["test"] == straight["test"]
+
+
 def one_line_error(capsys, argv) -> str:
     with pytest.raises(SystemExit) as exit_:
         sasrec_main(argv)

@@ -260,3 +260,19 @@ def test_a_config_file_is_named_for_its_bad_values_and_excludes_paper(tmp_path, 
     assert code == 2 and "--batch-size: expected an int >= 1, got 0" in err, err  # the flag's own value
     code, err = one_line(capsys, sasrec, ["--config", str(bad), "--paper", "--dataset", MISSING])
     assert code == 2 and "--paper, --config: expected one of the two" in err, err
+
+
+def test_report_names_settings_in_which_a_rows_seeds_differ(tmp_path, capsys):
+    txt = write_s3rec(tmp_path)
+    flags = ["--dataset", str(txt), "--models", "SASRec", "--epochs", "1", "--dim", "8", "--max-len", "8",
+             "--layers", "1", "--progress", "false", "--log", "false", "--out-dir", str(tmp_path / "runs")]
+    sasrec.main(flags + ["--seeds", "0", "--lr", "0.001", "--results", str(tmp_path / "a")])
+    sasrec.main(flags + ["--seeds", "1", "--lr", "0.001", "--epochs", "2", "--results", str(tmp_path / "b")])
+    capsys.readouterr()
+    report.main([str(tmp_path / "runs" / "toy")])
+    assert "note:" not in capsys.readouterr().out  # epochs does not change a run's math
+    sasrec.main(flags + ["--seeds", "2", "--lr", "0.002", "--results", str(tmp_path / "c")])
+    capsys.readouterr()
+    report.main([str(tmp_path / "runs" / "toy")])
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert notes == ["note: the seeds of SASRec differ in lr: its row averages different settings"], notes
