@@ -248,14 +248,14 @@ def settings_from_args(p: argparse.ArgumentParser, args, models=None) -> tuple[T
 
 
 @contextlib.contextmanager
-def user_errors(p: argparse.ArgumentParser, *more: type[Exception]):
-    """Turn the errors a user can fix (a data file, a checkpoint, a setting; and the types ``more``) into one
-    line on stderr and exit status 1."""
+def user_errors(p: argparse.ArgumentParser):
+    """Turn the errors a user can fix (a data file, a checkpoint, a setting, a library argument) into one line on
+    stderr and exit status 1."""
     try:
         yield
     except SettingError as err:
         p.exit(1, f"{p.prog}: error: {setting_message(err)}\n")
-    except (DataError, RunError, DIFError, *more) as err:
+    except (DataError, RunError, DIFError) as err:
         p.exit(1, f"{p.prog}: error: {err}\n")
 
 
