@@ -8,7 +8,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .errors import check_bool, check_int, check_tensor, fail
+from .errors import is_integer, check_bool, check_int, check_tensor, fail
 
 __all__ = ["AttributeEmbedding", "item_attribute_table"]
 
@@ -121,7 +121,7 @@ class AttributeEmbedding(nn.Module):
             if a not in num_classes:
                 fail("item_tables", f"keys among {sorted(num_classes)}", repr(a))
             check_tensor(f"item_tables[{a!r}]", t, ndim=2)
-            if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            if not is_integer(t):
                 fail(f"item_tables[{a!r}]", "an integer tensor of token ids", f"dtype {t.dtype}")
             if _eager() and t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_classes[a]):
                 fail(f"item_tables[{a!r}]", f"token ids in [0, {num_classes[a]}) (num_classes[{a!r}])",
@@ -131,7 +131,7 @@ class AttributeEmbedding(nn.Module):
     def lookup(self, items: Tensor) -> dict[str, Tensor]:
         """Item ids ``(b, n)`` -> token ids ``(b, n, k)`` per attribute (from ``item_tables``)."""
         check_tensor("items", items)
-        if items.is_floating_point() or items.dtype == torch.bool or items.is_complex():
+        if not is_integer(items):
             fail("items", "an integer tensor of item ids", f"dtype {items.dtype}")
         out = {}
         for a in self.num_classes:
@@ -162,7 +162,7 @@ class AttributeEmbedding(nn.Module):
 
     def _embed(self, a: str, tok: Tensor) -> Tensor:
         check_tensor(f"ids[{a!r}]", tok)
-        if tok.is_floating_point() or tok.dtype == torch.bool or tok.is_complex() or tok.ndim not in (2, 3):
+        if not is_integer(tok) or tok.ndim not in (2, 3):
             fail(f"ids[{a!r}]", "integer token ids of shape (b, n) or (b, n, k)", f"{tok.dtype} {tuple(tok.shape)}")
         v = self.num_classes[a]
         if tok.device != self.tables[a].weight.device:

@@ -10,8 +10,8 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["DIFError", "fail", "check_tensor", "check_finite", "check_matches", "check_divisible", "check_int",
-           "check_bool", "check_probability", "fmt_shape"]
+__all__ = ["DIFError", "fail", "is_integer", "check_tensor", "check_finite", "check_matches", "check_divisible",
+           "check_int", "check_bool", "check_probability", "fmt_shape"]
 
 
 class DIFError(ValueError):
@@ -29,6 +29,11 @@ def fail(arg: str, expected: str, seen: Any) -> None:
     if isinstance(seen, torch.Size) or (isinstance(seen, tuple) and all(isinstance(s, int) for s in seen)):
         seen = f"shape {fmt_shape(seen)}"
     raise DIFError(f"{arg}: expected {expected}, got {seen}")
+
+
+def is_integer(t: torch.Tensor) -> bool:
+    """``t`` holds integers (ids, lengths): not floating point, complex or bool."""
+    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
 
 
 def check_tensor(arg: str, t: Any, *, ndim: int | None = None, floating: bool = False) -> torch.Tensor:

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..attention import KVCache
-from ..errors import check_bool, check_int, check_tensor, fail, fmt_shape
+from ..errors import is_integer, check_bool, check_int, check_tensor, fail, fmt_shape
 
 __all__ = ["Servable", "ServingState", "Recommender", "export_recommender", "last_items"]
 
@@ -118,7 +118,7 @@ class Servable:
         check_tensor(arg, histories)
         if histories.ndim != 2:
             fail(arg, "a 2-d tensor of right-padded item ids (b, n)", histories.shape)
-        if histories.is_floating_point() or histories.dtype == torch.bool or histories.is_complex():
+        if not is_integer(histories):
             fail(arg, "an integer tensor of item ids (b, n), 0 = padding", f"dtype {histories.dtype}")
         if histories.shape[0] < 1 or histories.shape[1] < 1:
             fail(arg, "at least one history with at least one position (b >= 1, n >= 1)", histories.shape)
@@ -145,7 +145,7 @@ class Servable:
             fail("state", f"a state made by this {type(self).__name__}'s start() or step()",
                  f"a state of another {type(state.owner).__name__}")
         check_tensor("items", items)
-        if items.ndim != 1 or items.is_floating_point() or items.dtype == torch.bool or items.is_complex():
+        if items.ndim != 1 or not is_integer(items):
             fail("items", f"a 1-d integer tensor of item ids, one per history: shape ({state.batch},)",
                  f"shape {fmt_shape(items.shape)} of dtype {items.dtype}")
         if items.shape[0] != state.batch:
