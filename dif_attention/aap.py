@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import is_integer, check_int, check_matches, check_tensor, fail
+from .errors import check_int, check_integer, check_matches, check_tensor, fail
 
 __all__ = ["AttributePredictor", "aap_loss", "multi_hot", "total_loss"]
 
@@ -27,8 +27,7 @@ def multi_hot(tokens: Tensor, num_classes: int, *, pad_id: int = 0, arg: str = "
     with the ``pad_id`` column zero. (The reference summed one-hots, so a repeated token counted twice.)
     ``arg`` names ``tokens`` in error messages."""
     check_tensor(arg, tokens)
-    if not is_integer(tokens):
-        fail(arg, "integer token ids", f"dtype {tokens.dtype}")
+    check_integer(arg, tokens, "integer token ids")
     check_int("num_classes", num_classes)
     if not isinstance(pad_id, int) or isinstance(pad_id, bool) or not 0 <= pad_id < num_classes:
         fail("pad_id", f"an int in [0, {num_classes}) (= num_classes)", repr(pad_id))

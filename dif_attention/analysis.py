@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .errors import is_integer, check_finite, check_int, check_tensor, fail
+from .errors import check_finite, check_int, check_integer, check_tensor, fail
 from .functional import ScoreMaps
 
 __all__ = ["numerical_rank", "effective_rank", "block_ranks", "layer_ranks", "summarize", "rank_bound",
@@ -51,8 +51,7 @@ def _check_tolerance(arg: str, tol) -> float:
 
 def _check_lengths(lengths: Tensor) -> None:
     check_tensor("lengths", lengths, ndim=1)
-    if not is_integer(lengths):
-        fail("lengths", "an integer tensor of valid lengths (b,)", f"dtype {lengths.dtype}")
+    check_integer("lengths", lengths, "an integer tensor of valid lengths (b,)")
 
 
 def default_rtol(m: Tensor) -> float:

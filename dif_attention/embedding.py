@@ -8,7 +8,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .errors import is_integer, check_bool, check_int, check_tensor, fail
+from .errors import check_bool, check_int, check_integer, check_tensor, fail, is_integer
 
 __all__ = ["AttributeEmbedding", "item_attribute_table"]
 
@@ -121,8 +121,7 @@ class AttributeEmbedding(nn.Module):
             if a not in num_classes:
                 fail("item_tables", f"keys among {sorted(num_classes)}", repr(a))
             check_tensor(f"item_tables[{a!r}]", t, ndim=2)
-            if not is_integer(t):
-                fail(f"item_tables[{a!r}]", "an integer tensor of token ids", f"dtype {t.dtype}")
+            check_integer(f"item_tables[{a!r}]", t, "an integer tensor of token ids")
             if _eager() and t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_classes[a]):
                 fail(f"item_tables[{a!r}]", f"token ids in [0, {num_classes[a]}) (num_classes[{a!r}])",
                      f"ids in [{int(t.min())}, {int(t.max())}]")
@@ -131,8 +130,7 @@ class AttributeEmbedding(nn.Module):
     def lookup(self, items: Tensor) -> dict[str, Tensor]:
         """Item ids ``(b, n)`` -> token ids ``(b, n, k)`` per attribute (from ``item_tables``)."""
         check_tensor("items", items)
-        if not is_integer(items):
-            fail("items", "an integer tensor of item ids", f"dtype {items.dtype}")
+        check_integer("items", items, "an integer tensor of item ids")
         out = {}
         for a in self.num_classes:
             table = getattr(self, f"items_{a}", None)

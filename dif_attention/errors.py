@@ -10,8 +10,8 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["DIFError", "fail", "is_integer", "check_tensor", "check_finite", "check_matches", "check_divisible",
-           "check_int", "check_bool", "check_probability", "fmt_shape"]
+__all__ = ["DIFError", "fail", "is_integer", "check_integer", "check_tensor", "check_finite", "check_matches",
+           "check_divisible", "check_int", "check_bool", "check_probability", "fmt_shape"]
 
 
 class DIFError(ValueError):
@@ -34,6 +34,12 @@ def fail(arg: str, expected: str, seen: Any) -> None:
 def is_integer(t: torch.Tensor) -> bool:
     """``t`` holds integers (ids, lengths): not floating point, complex or bool."""
     return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+
+def check_integer(arg: str, t: torch.Tensor, expected: str) -> None:
+    """Raise, naming ``arg``, ``expected`` and the dtype seen, unless ``t`` holds integers (:func:`is_integer`)."""
+    if not is_integer(t):
+        fail(arg, expected, f"dtype {t.dtype}")
 
 
 def check_tensor(arg: str, t: Any, *, ndim: int | None = None, floating: bool = False) -> torch.Tensor:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import is_integer, check_int, check_tensor, fail
+from .errors import check_int, check_integer, check_tensor, fail
 
 __all__ = ["causal_mask", "padding_mask", "lengths_mask", "lengths_allowed", "check_mask", "combine_masks", "as_4d"]
 
@@ -49,8 +49,7 @@ def padding_mask(ids: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
 
 def _check_lengths(lengths: torch.Tensor, n: int) -> None:
     check_tensor("lengths", lengths, ndim=1)
-    if not is_integer(lengths):
-        fail("lengths", "an integer tensor of sequence lengths", f"dtype {lengths.dtype}")
+    check_integer("lengths", lengths, "an integer tensor of sequence lengths")
     _check_length("n", n)
     # value checks read the tensor (a host sync): eager mode only
     if not torch.compiler.is_compiling() and lengths.numel() and isinstance(n, int):

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..embedding import AttributeEmbedding
-from ..errors import is_integer, check_int, check_matches, check_probability, check_tensor, fail
+from ..errors import check_int, check_integer, check_matches, check_probability, check_tensor, fail
 from ..functional import BACKENDS, ScoreMaps
 from ..masks import padding_mask
 from .serving import Servable
@@ -104,8 +104,7 @@ class SequenceModel(Servable, nn.Module):
     def check_ids(self, ids: Tensor) -> Tensor:
         """``ids``: a 2-d integer tensor of item ids in ``[0, item_emb rows)``."""
         check_tensor("ids", ids, ndim=2)
-        if not is_integer(ids):
-            fail("ids", "an integer tensor of item ids (b, n)", f"dtype {ids.dtype}")
+        check_integer("ids", ids, "an integer tensor of item ids (b, n)")
         if ids.shape[1] > self.max_len:
             fail("ids", f"at most max_len={self.max_len} positions (b, n <= {self.max_len})", ids.shape)
         if not torch.compiler.is_compiling() and ids.numel():

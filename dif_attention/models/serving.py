@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..attention import KVCache
-from ..errors import is_integer, check_bool, check_int, check_tensor, fail, fmt_shape
+from ..errors import check_bool, check_int, check_integer, check_tensor, fail, fmt_shape, is_integer
 
 __all__ = ["Servable", "ServingState", "Recommender", "export_recommender", "last_items"]
 
@@ -118,8 +118,7 @@ class Servable:
         check_tensor(arg, histories)
         if histories.ndim != 2:
             fail(arg, "a 2-d tensor of right-padded item ids (b, n)", histories.shape)
-        if not is_integer(histories):
-            fail(arg, "an integer tensor of item ids (b, n), 0 = padding", f"dtype {histories.dtype}")
+        check_integer(arg, histories, "an integer tensor of item ids (b, n), 0 = padding")
         if histories.shape[0] < 1 or histories.shape[1] < 1:
             fail(arg, "at least one history with at least one position (b >= 1, n >= 1)", histories.shape)
         device = self.item_emb.weight.device

@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ..errors import is_integer, check_tensor, fail
+from ..errors import check_integer, check_tensor, fail
 from ..fusion import Fusion, folded_width, get_fusion
 from ..masks import as_4d
 
@@ -108,8 +108,7 @@ def _kernel_mask(mask: Tensor | None, is_causal: bool):
 
 def _check_lengths(lengths, b, device):
     check_tensor("lengths", lengths, ndim=1)
-    if not is_integer(lengths):
-        fail("lengths", "an integer tensor of sequence lengths", f"dtype {lengths.dtype}")
+    check_integer("lengths", lengths, "an integer tensor of sequence lengths")
     if lengths.shape[0] != b:
         fail("lengths", f"shape ({b},) = (b,)", lengths.shape)
     if lengths.device != device:
