@@ -3,6 +3,7 @@
     python examples/paper_epoch.py                         # Beauty, DIF-SASRec, fp32 and bf16, 2 threads
     python examples/paper_epoch.py --models SASRec,DIFSASRec --precisions bf16 --threads 1
     python examples/paper_epoch.py --modes all,prefix --max-batches 20   # a quick look (part of an epoch)
+    python examples/paper_epoch.py --modes prefix --exact-fusion true --max-batches 6   # the paper-exact gate
 
 What it prints:
 
@@ -14,7 +15,9 @@ What it prints:
 
 Levers: ``--modes all`` (every position of a window, exact for causal models) or ``prefix`` (one sample per
 prefix, the paper's protocol); ``--precisions fp32,bf16`` (CPU autocast); length bucketing is on (``--bucket
-false`` to see what it saves). Each configuration runs one epoch (or ``--max-batches``) after one warm-up batch.
+false`` to see what it saves); ``--exact-fusion true`` times the paper-exact gate, which reads every key of its
+score row and so runs every batch at the full ``max_len`` (prefix mode only, as in training). Each
+configuration runs one epoch (or ``--max-batches``) after one warm-up batch.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cli import TRAIN_FIELDS, cpu_name, paper_config
+from cli import TRAIN_FIELDS, boolean, cpu_name, paper_config
 from data import load_dataset
 from train import TrainConfig, batch_loss, epoch_batches, make_model, training_arrays, trim_width
 
@@ -119,17 +122,22 @@ def main(argv=None):
     p.add_argument("--modes", default="all")
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--batch-size", type=int, default=256, help="rows per batch (windows or prefixes)")
-    p.add_argument("--bucket", type=lambda s: s.lower() in ("1", "true", "yes"), default=True)
+    p.add_argument("--bucket", type=boolean, default=True)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--exact-fusion", type=boolean, default=False,
+                   help="the paper-exact fusion (full max_len per row; needs --modes prefix)")
     p.add_argument("--max-batches", type=int, default=0, help="time only the first N batches (0 = the epoch)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
+    if args.exact_fusion and "all" in args.modes.split(","):
+        p.error(f"--exact-fusion true needs --modes prefix, got --modes {args.modes}: the paper-exact fusion reads "
+                "later keys of a window, so all-positions training would let a position see its future")
     torch.set_num_threads(args.threads)
     dataset = load_dataset(args.dataset)
     preset = paper_config(args.dataset)
     base = dataclasses.replace(TrainConfig(), **{k: v for k, v in preset.items() if k in TRAIN_FIELDS})
     base = dataclasses.replace(base, batch_size=args.batch_size, bucket=args.bucket, progress=False, log=False)
-    model = {k: v for k, v in preset.items() if k not in TRAIN_FIELDS}
+    model = {k: v for k, v in preset.items() if k not in TRAIN_FIELDS} | {"exact_fusion": args.exact_fusion}
     shapes = [(4096, model["dim"], model["dim"]), (4096, model["dim"], model["ff_dim"]),
               (2048, model["dim"], dataset.num_items + 1)]
     rates = {dt: gemm_rate(shapes, getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[dt]))

@@ -64,13 +64,14 @@ def test_paper_flag_resolves_the_dataset_config():
     assert (model["hidden_dropout"], model["attn_dropout"], model["fusion"]) == (0.5, 0.3, "gate")
 
 
-@pytest.mark.parametrize("name", ["SASRec", "SASRecF", "DIFSASRec"])
-def test_epoch_flop_count_matches_the_flop_counter(name):
+@pytest.mark.parametrize("name, exact", [("SASRec", False), ("SASRecF", False), ("DIFSASRec", False),
+                                         ("DIFSASRec", True)])
+def test_epoch_flop_count_matches_the_flop_counter(name, exact):
     from paper_epoch import batch_flops
     ds = synthetic()
     cfg = TrainConfig(lamb=1.0)
-    model = make_model(ds, name, dict(dim=32, ff_dim=48, layers=2, heads=2, attr_dim=8, max_len=12,
-                                      hidden_dropout=0.0, attn_dropout=0.0, backend="math"))
+    model = make_model(ds, name, dict(dim=32, ff_dim=48, layers=2, heads=2, attr_dim=8, max_len=6 if exact else 12,
+                                      hidden_dropout=0.0, attn_dropout=0.0, backend="math", exact_fusion=exact))
     ids = torch.tensor([[1, 2, 3, 4, 5, 0], [6, 7, 8, 9, 10, 11]])
     tgt = torch.tensor([[2, 3, 4, 5, 6, 0], [7, 8, 9, 10, 11, 12]])
     with FlopCounterMode(display=False) as counter:
@@ -79,3 +80,12 @@ def test_epoch_flop_count_matches_the_flop_counter(name):
     counted = counter.get_total_flops()
     ours = batch_flops(model, cfg, 2, 6, int((tgt != 0).sum()))
     assert abs(ours - counted) / counted < 0.1, (ours, counted)
+
+
+def test_paper_epoch_refuses_the_exact_fusion_in_all_positions_mode(capsys):
+    from paper_epoch import main
+    with pytest.raises(SystemExit) as e:
+        main(["--modes", "prefix,all", "--exact-fusion", "true"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--exact-fusion true needs --modes prefix" in err and "prefix,all" in err
