@@ -13,10 +13,12 @@ OUT=$(cd "$OUT" && pwd)  # absolute: the script moves to the repository root
 cd "$(dirname "$0")/.."
 unset TRITON_INTERPRET
 export PYTHONUNBUFFERED=1
+PY=${PYTHON:-$(command -v python || command -v python3)}  # GPU images may have python3 alone
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's dif_attention, installed or not
 {
   date -u
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,driver_version --format=csv 2>&1
-  python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"
+  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
@@ -27,7 +29,7 @@ GROUPS=("fusion" "odd_lengths" "dtypes or general or broadcast" "nan or dropout"
         "module or compile or autocast or opcheck" "energies or unsupported or bad or environment or one_dtype")
 PIDS=()
 for i in "${!GROUPS[@]}"; do
-  timeout 150 python -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py -k "${GROUPS[$i]}" \
+  timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py -k "${GROUPS[$i]}" \
     > "$OUT/tests-$i.log" 2>&1 &
   PIDS+=($!)
 done
@@ -36,11 +38,11 @@ for i in "${!GROUPS[@]}"; do echo "tests group $i (${GROUPS[$i]}): $(tail -1 "$O
 
 # 2. the op table: eager / SDPA-concat / Flex / Triton, add and paper gate, 4 shapes, fwd and fwd+bwd,
 #    bf16 then fp32 (fp32 with fewer repeats)
-timeout 200 python benchmarks/kernels.py --dtypes bf16 --out "$OUT" --repeats 20 2>&1 | tee "$OUT/bench.log"
-timeout 60 python benchmarks/kernels.py --dtypes fp32 --providers eager sdpa triton --out "$OUT/fp32" \
+timeout 200 "$PY" benchmarks/kernels.py --dtypes bf16 --out "$OUT" --repeats 20 2>&1 | tee "$OUT/bench.log"
+timeout 60 "$PY" benchmarks/kernels.py --dtypes fp32 --providers eager sdpa triton --out "$OUT/fp32" \
   --repeats 10 2>&1 | tee "$OUT/bench-fp32.log"
 
 # 3. a whole DIF-SASRec training step at the paper's Beauty size (b=2048, n=50, 4 layers, paper gate,
 #    attention dropout 0.3): eager fp32 vs sdpa vs triton (fp32, bf16 autocast)
-timeout 60 python benchmarks/kernels.py --no-kernels --step --repeats 5 --out "$OUT/step" 2>&1 | tee "$OUT/step.log"
+timeout 60 "$PY" benchmarks/kernels.py --no-kernels --step --repeats 5 --out "$OUT/step" 2>&1 | tee "$OUT/step.log"
 echo "gpu_check done: $(date -u)"

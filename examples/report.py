@@ -109,9 +109,10 @@ def write_results(base: Path, results: list[dict], names: list[str], md: str) ->
     """``base.md``: the table and how it was made; ``base.json``: one record per run (no per-epoch history)."""
     base.parent.mkdir(parents=True, exist_ok=True)
     command = "python " + " ".join(sys.argv)
-    runs = [{k: r.get(k) for k in ("model", "dataset", "attributes", "seed", "config", "model_config", "test", "epochs",
-                                   "best_epoch", "best_valid", "best_valid_ndcg10", "train_seconds",
-                                   "time_to_best_seconds", "seconds_per_epoch", "parameters")} for r in results]
+    keys = ("model", "dataset", "attributes", "seed", "config", "model_config", "test", "epochs", "best_epoch",
+            "best_valid", "best_valid_ndcg10", "train_seconds", "time_to_best_seconds", "seconds_per_epoch",
+            "parameters", "device")
+    runs = [{k: r.get(k) for k in keys} for r in results]
     rules = sorted({r["config"].get("valid_metric", "NDCG@10") for r in results})
     chosen = (f"best-validation-{rules[0]} checkpoint" if len(rules) == 1 else
               f"checkpoint with the best validation metric of its run ({', '.join(rules)}: `valid_metric` in the JSON)")

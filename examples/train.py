@@ -47,6 +47,7 @@ import json
 import math
 import os
 import random
+import re
 import time
 import typing
 from dataclasses import asdict, dataclass, fields
@@ -101,6 +102,7 @@ class TrainConfig:
     ft_ratio: float = 0.5
     seed: int = 0
     precision: str = "fp32"  # training matmuls in "fp32" or "bf16" (CPU/CUDA autocast); evaluation is always fp32
+    device: str = "auto"  # "auto" (CUDA when there is one, else the CPU), "cpu", "cuda" or "cuda:N"
     max_train_seconds: float = 0.0
     out_dir: str = "runs"
     tag: str = ""  # suffix of the run folder (keeps ablation variants apart)
@@ -132,7 +134,7 @@ class CheckpointError(RunError):
 #: settings that do not change a run's math: a resumed run may change them freely (``epochs`` and ``patience``
 #: extend or shorten the run, ``max_train_seconds`` its budget; the rest are where and how it reports)
 SILENT_SETTINGS = ("out_dir", "progress", "log", "resume", "resume_override", "save", "checkpoint_every",
-                   "max_train_seconds", "epochs", "patience")
+                   "max_train_seconds", "epochs", "patience", "device")
 
 
 def model_defaults() -> dict[str, tuple[object, type]]:
@@ -195,6 +197,8 @@ TRAIN_RULES = {
     "valid_metric": _one_of(CHOICES["valid_metric"]), "train_mode": _one_of(CHOICES["train_mode"]), "bucket": _BOOL,
     "mask_ratio": _FRACTION, "ft_ratio": _FRACTION,
     "seed": _at_least(0), "precision": _one_of(CHOICES["precision"]), "max_train_seconds": _NON_NEGATIVE,
+    "device": (lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None,
+               "'auto', 'cpu', 'cuda' or 'cuda:N'"),
     "out_dir": (lambda v: isinstance(v, str) and v != "", "a folder name"), "tag": _TEXT, "resume": _BOOL,
     "resume_override": _BOOL, "save": _BOOL, "checkpoint_every": _at_least(0), "progress": _BOOL, "log": _BOOL,
 }
@@ -233,6 +237,12 @@ def check_settings(cfg: "TrainConfig", model: dict | None = None, models=()) -> 
     for name, value in settings.items():
         _check(name, value, MODEL_RULES[name])
     full = {**{k: d for k, (d, _) in MODEL_FLAGS.items()}, **settings}
+    if cfg.device.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(cfg.device.partition(":")[2] or 0)
+        if index >= count:
+            raise SettingError("device", f"'auto' or 'cpu' (this machine has {count} CUDA devices)"
+                               if not count else f"a CUDA device index < {count}", repr(cfg.device))
     if full["backend"] == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         raise SettingError("backend", "'triton' only on a CUDA device or under TRITON_INTERPRET=1 (else auto, sdpa "
                            "or math)", "'triton' on a machine without CUDA")
@@ -266,6 +276,21 @@ def dist_info() -> tuple[int, int]:
     if world > 1:
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def train_device(cfg: "TrainConfig") -> torch.device:
+    """Where a run trains: ``cfg.device``, with ``"auto"`` = CUDA when there is one, else the CPU. Under torchrun
+    on CUDA each process takes the GPU of its ``LOCAL_RANK``."""
+    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if cfg.device in ("auto", "cuda") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cuda", int(cfg.device.partition(":")[2] or 0))
+
+
+def describe_device(device: torch.device) -> str:
+    """``cpu`` or ``cuda:0 (NVIDIA H100 80GB HBM3)``: what result.json records."""
+    return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
 
 
 def all_sum(t: Tensor, world: int) -> Tensor:
@@ -331,14 +356,15 @@ def rank_metrics(scores: Tensor, targets: Tensor, ks=KS) -> dict[str, Tensor]:
 def batch_metrics(model, hist: np.ndarray, targets: np.ndarray, *, ks=KS, trim: bool = True) -> dict[str, Tensor]:
     """Per-row Recall@K / NDCG@K of one batch of users (full ranking; ``model`` in eval mode). Causal models
     read the last history position; masked models get ``[MASK]`` appended. ``trim`` drops all-padding columns."""
-    ids, tgt = torch.from_numpy(hist), torch.from_numpy(targets)
+    device = next(model.parameters()).device
+    ids, tgt = torch.from_numpy(hist).to(device), torch.from_numpy(targets).to(device)
     if model.causal:
         pos = lengths(ids) - 1
     else:
         ids, pos = append_item(ids, model.mask_id)
     if trim:
         ids = ids[:, :int(pos.max()) + 1]
-    h = model(ids)[torch.arange(len(ids)), pos]
+    h = model(ids)[torch.arange(len(ids), device=device), pos]
     return rank_metrics(model.item_scores(h), tgt, ks)
 
 
@@ -348,7 +374,7 @@ def evaluate(model, hist: np.ndarray, targets: np.ndarray, *, batch_size: int = 
     """Mean Recall@K / NDCG@K over users (rows of ``hist``), full ranking; sharded over processes.
     ``trim``: batch users of similar length and drop all-padding columns (exact for length-agnostic fusions)."""
     model.eval()
-    sums = torch.zeros(2 * len(ks) + 1, dtype=torch.float64)
+    sums = torch.zeros(2 * len(ks) + 1, dtype=torch.float64, device=next(model.parameters()).device)
     rows = np.arange(rank, len(hist), world)
     if trim:
         rows = rows[np.argsort((hist[rows] != 0).sum(-1), kind="stable")]
@@ -410,7 +436,8 @@ def batch_loss(model, core, batch: tuple, cfg: TrainConfig, tables: dict, gen: t
         ids, tgt = bert_mask(torch.from_numpy(batch[0]), mask_id=core.mask_id, ratio=cfg.mask_ratio,
                              last_only=last_only, gen=gen)
     global_count = int((tgt != 0).sum())
-    ids, tgt = ids[rank::world], tgt[rank::world]
+    device = next(core.parameters()).device
+    ids, tgt = ids[rank::world].to(device), tgt[rank::world].to(device)
     h = model(ids)
     sel = tgt != 0
     rows, y = h[sel], tgt[sel]  # (r, dim), (r,)
@@ -492,7 +519,7 @@ def load_checkpoint(path: Path) -> dict:
     """A ``last.pt`` written by :func:`run` (``torch.load(weights_only=True)``: it cannot run code). A truncated,
     foreign or corrupted file raises :class:`CheckpointError` naming it."""
     try:
-        ck = torch.load(path, weights_only=True)
+        ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a truncated zip, a pickle with code, not a torch file at all
         first = (str(err).strip().splitlines() or [""])[0]
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {first}); delete it to "
@@ -607,13 +634,16 @@ def run(dataset, model_name: str, cfg: TrainConfig, model_config: dict | None = 
         dataset.require_attributes(model_name)
     rank, world = dist_info()
     core, inputs, targets = prepare_model(dataset, model_name, cfg, model_config)
+    device = train_device(cfg)
+    core.to(device)
     model = core
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(core, find_unused_parameters=core.has_aap and not cfg.lamb)
+        gpus = [device.index] if device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(core, device_ids=gpus,
+                                                          find_unused_parameters=core.has_aap and not cfg.lamb)
     params = [p for p in core.parameters() if p.requires_grad]
     opt = (torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if cfg.optimizer == "adam" else
            torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
-    device = next(core.parameters()).device
     valid = dataset.split("valid", core.max_len)
     test = dataset.split("test", core.max_len)
     out = run_dir(cfg, dataset.name, model_name)
@@ -651,10 +681,10 @@ def run(dataset, model_name: str, cfg: TrainConfig, model_config: dict | None = 
         log(cfg, rank, f"resumed {out} at epoch {state['epoch']}, batch {state['batch']} (step {state['step']})" +
             ("" if "rng" in ck else "; the checkpoint holds no random streams: not bit-identical") +
             (f"; settings changed: {', '.join(changed)}" if changed else ""))
-    tables = dataset.tables
+    tables = {a: t.to(device) for a, t in dataset.tables.items()}
     n_params = sum(p.numel() for p in core.parameters() if p.requires_grad)
     log(cfg, rank, f"[{model_name} seed {cfg.seed}] {n_params} trainable parameters, {len(inputs)} training rows "
-                   f"({cfg.train_mode}), world {world}")
+                   f"({cfg.train_mode}), world {world}, {describe_device(device)}")
 
     def save_last():
         """last.pt: weights, optimiser, position, every random stream (each process's, gathered)."""
@@ -750,7 +780,8 @@ def run(dataset, model_name: str, cfg: TrainConfig, model_config: dict | None = 
     result = {"dataset": dataset.name, "attributes": {a: dataset.num_classes[a] - 1 for a in dataset.tables},
               "model": model_name, "seed": cfg.seed, "config": asdict(cfg),
               "model_config": settings, "overrides": state["overrides"],
-              "parameters": n_params, "world_size": world, "epochs": state["epoch"],
+              "parameters": n_params, "world_size": world, "device": describe_device(device),
+              "epochs": state["epoch"],
               "best_epoch": state["best_epoch"], "best_valid": state["best"],
               "best_valid_ndcg10": chosen.get("NDCG@10", state["best"]), "test": test_metrics,
               "train_seconds": state["train_seconds"], "time_to_best_seconds": state["time_to_best"],

@@ -52,6 +52,8 @@ FLAG_CASES = [
     (sasrec, ["--backend", "cuda"], ["--backend", "'cuda'", "'sdpa'"]),
     (sasrec, ["--train-mode", "some"], ["--train-mode", "'some'", "'all', 'prefix'"]),
     (sasrec, ["--precision", "fp16"], ["--precision", "'fp16'", "'fp32', 'bf16'"]),
+    (sasrec, ["--device", "gpu"], ["--device", "'auto', 'cpu', 'cuda' or 'cuda:N'", "'gpu'"]),
+    (sasrec, ["--device", "cuda:x"], ["--device", "'cuda:N'", "'cuda:x'"]),
     (sasrec, ["--optimizer", "rmsprop"], ["--optimizer", "'rmsprop'", "'adam', 'sgd'"]),
     (sasrec, ["--aap-init", "random"], ["--aap-init", "'random'", "'prior', 'zero'"]),
     (sasrec, ["--models", "SASRec,Foo"], ["--models", "unknown 'Foo'", "DIFSASRec"]),
@@ -238,6 +240,44 @@ def test_triton_backend_without_cuda_ends_with_one_line_before_any_work(capsys, 
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     code, err = one_line(capsys, sasrec, ["--backend", "triton", "--dataset", MISSING])
     assert code == 2 and "--backend" in err and "CUDA" in err and "TRITON_INTERPRET=1" in err, err
+
+
+def test_a_cuda_device_the_machine_lacks_ends_with_one_line_before_any_work(capsys, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    code, err = one_line(capsys, sasrec, ["--device", "cuda", "--dataset", MISSING])
+    assert code == 2 and "--device" in err and "0 CUDA devices" in err and "'cuda'" in err, err
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    code, err = one_line(capsys, sasrec, ["--device", "cuda:2", "--dataset", MISSING])
+    assert code == 2 and "a CUDA device index < 2" in err and "'cuda:2'" in err, err
+
+
+@pytest.mark.parametrize("setting, cuda, env, expected", [
+    ("auto", False, {}, "cpu"), ("cpu", True, {}, "cpu"), ("auto", True, {}, "cuda:0"), ("cuda", True, {}, "cuda:0"),
+    ("cuda:1", True, {}, "cuda:1"), ("auto", True, {"WORLD_SIZE": "2", "LOCAL_RANK": "1"}, "cuda:1"),
+    ("auto", False, {"WORLD_SIZE": "2", "LOCAL_RANK": "1"}, "cpu")])
+def test_the_training_device_follows_the_setting_and_torchrun(monkeypatch, setting, cuda, env, expected):
+    from train import TrainConfig, train_device
+    monkeypatch.setattr("torch.cuda.is_available", lambda: cuda)
+    for name in ("WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert str(train_device(TrainConfig(device=setting))) == expected
+
+
+def test_a_run_records_its_device_and_a_device_change_resumes(tmp_path):
+    """result.json names the device; moving a run between devices is not a change of its settings."""
+    import json
+    txt = write_s3rec(tmp_path)
+    flags = ["--dataset", str(txt), "--models", "SASRec", "--dim", "8", "--max-len", "8", "--layers", "1",
+             "--progress", "false", "--log", "false", "--out-dir", str(tmp_path / "runs"),
+             "--results", str(tmp_path / "r")]
+    sasrec.main(flags + ["--epochs", "1", "--device", "auto"])
+    res = sasrec.main(flags + ["--epochs", "2", "--device", "cpu", "--resume", "true"])
+    assert res[0]["epochs"] == 2 and res[0]["overrides"] == []
+    saved = json.loads(next((tmp_path / "runs").rglob("result.json")).read_text())
+    assert saved["device"] == "cpu" and saved["config"]["device"] == "cpu"
 
 
 def test_a_diverging_run_stops_with_one_line_instead_of_scoring(tmp_path, capsys):

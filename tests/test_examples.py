@@ -160,3 +160,34 @@ def test_curves_are_drawn_at_the_evaluated_epochs(tmp_path):
     assert epochs == [2, 4, 6]
     assert mean == pytest.approx([0.2, 0.4, 0.2])
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_gpu_grid_script_runs_its_grid_and_writes_both_tables(tmp_path):
+    """``examples/paper_grid.sh`` (the prepared paper-scale GPU grid) on toy files, on the CPU, one tiny epoch per
+    run: every run of the grid ends, each dataset gets its table, and a failing run makes the script fail."""
+    import os
+    import subprocess
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    data = tmp_path / "data"
+    data.mkdir()
+    toy = write_s3rec(data, users=50, items=30)
+    for name in ("Beauty", "Sports_and_Outdoors"):
+        (data / f"{name}.txt").write_text(toy.read_text())
+        (data / f"{name}_item2attributes.json").write_text((data / "toy_item2attributes.json").read_text())
+    env = {**os.environ, "DATA": str(data), "DEVICE": "cpu", "SEEDS": "0", "JOBS": "5",
+           "EXTRA": "--dim 16 --ff-dim 16 --attr-dim 8 --layers 1 --heads 2 --max-len 8 --epochs 1 --eval-every 1"}
+    out = tmp_path / "grid"
+    proc = subprocess.run(["bash", str(root / "examples" / "paper_grid.sh"), str(out)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    for dataset, models in (("beauty", ["SASRec", "SASRecF", "DIFSASRec"]), ("sports", ["SASRec", "DIFSASRec"])):
+        rows = json.loads((out / f"{dataset}-paper-gpu.json").read_text())["runs"]
+        assert sorted(r["model"] for r in rows) == sorted(f"{m}-gpu-lr0.0003" for m in models), rows
+        result = json.loads(next((out / "runs" / dataset).glob("*/seed0/result.json")).read_text())
+        assert all(r["device"] == "cpu" for r in rows)
+        assert result["config"]["lr"] == 3e-4 and result["model_config"]["dim"] == 16
+    (data / "Sports_and_Outdoors.txt").write_text("")
+    proc = subprocess.run(["bash", str(root / "examples" / "paper_grid.sh"), str(out)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 1 and "sports-SASRec-seed0: exit 1" in (out / "grid.log").read_text()

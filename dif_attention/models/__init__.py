@@ -61,9 +61,19 @@ def build_model(name: str, *, num_items: int, item_tables: dict | None = None, n
     return cls(**{k: v for k, v in kwargs.items() if k in accepted})
 
 
+def _on_cpu(obj):
+    """``obj`` (a tensor, or a dict of them) with every tensor on the CPU: a saved model loads on any machine."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _on_cpu(v) for k, v in obj.items()}
+    return obj
+
+
 def save_model(model: SequenceModel, path: "str | os.PathLike") -> Path:
     """Write ``model``'s config and weights to ``path`` (via a temporary file, then renamed: a kill during
-    the write never leaves a truncated file). :func:`load_model` reads it back."""
+    the write never leaves a truncated file), every tensor on the CPU whatever the model's device.
+    :func:`load_model` reads it back."""
     if not isinstance(model, SequenceModel):
         fail("model", "a dif_attention.models model", type(model).__name__)
     path = Path(path)
@@ -71,8 +81,8 @@ def save_model(model: SequenceModel, path: "str | os.PathLike") -> Path:
     with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name + ".", suffix=".tmp", delete=False) as f:
         tmp = Path(f.name)
     try:
-        torch.save({"format": _FORMAT, "version": 1, "config": model.config(), "state_dict": model.state_dict()},
-                   tmp)
+        torch.save({"format": _FORMAT, "version": 1, "config": _on_cpu(model.config()),
+                    "state_dict": _on_cpu(model.state_dict())}, tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
