@@ -239,8 +239,7 @@ def check_settings(cfg: "TrainConfig", model: dict | None = None, models=()) -> 
     full = {**{k: d for k, (d, _) in MODEL_FLAGS.items()}, **settings}
     if cfg.device.startswith("cuda"):
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        index = int(cfg.device.partition(":")[2] or 0)
-        if index >= count:
+        if train_device(cfg).index >= count:
             raise SettingError("device", f"'auto' or 'cpu' (this machine has {count} CUDA devices)"
                                if not count else f"a CUDA device index < {count}", repr(cfg.device))
     if full["backend"] == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
